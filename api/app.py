@@ -1,0 +1,46 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import BodyLimit, install_error_handlers
+from api.routes import health, jobs
+from tensorq import __version__
+from tensorq.broker import Publisher
+from tensorq.settings import Settings, get_settings
+from tensorq.sweeper import Sweeper
+
+
+def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        publisher = Publisher(settings)
+        app.state.publisher = publisher
+        sweeper = Sweeper(settings, publisher) if run_sweeper else None
+        if sweeper:
+            sweeper.start()
+        try:
+            yield
+        finally:
+            if sweeper:
+                sweeper.stop()
+            publisher.close()
+
+    app = FastAPI(
+        title="tensorq",
+        version=__version__,
+        description="Submit PyTorch training and inference jobs; poll their state and results.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,114 @@
+"""Every error leaves as JSON naming the field; nothing leaves as a bare 500 with a stack trace."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.schemas import KIND_TAGS
+
+log = logging.getLogger(__name__)
+
+
+def _clean_loc(error: dict[str, Any]) -> dict[str, Any]:
+    loc = list(error.get("loc", ()))
+    # A discriminated union puts the kind's tag into the path (body.embed.input.texts); drop it.
+    if len(loc) >= 2 and loc[0] == "body" and loc[1] in KIND_TAGS:
+        loc = [loc[0], *loc[2:]]
+    if error.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        loc = ["body", "kind"]
+    error.pop("url", None)
+    if isinstance(error.get("ctx"), dict):
+        error["ctx"] = {k: str(v) for k, v in error["ctx"].items()}
+    error["loc"] = loc
+    # Echoing a 2 MB input back is no help to anyone.
+    if (
+        isinstance(error.get("input"), (str, list, dict))
+        and len(json.dumps(error["input"], default=str)) > 200
+    ):
+        error.pop("input")
+    return error
+
+
+async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [_clean_loc(dict(e)) for e in exc.errors()]
+    return JSONResponse(status_code=422, content=jsonable_encoder({"detail": errors}))
+
+
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("unhandled error %s on %s %s", error_id, request.method, request.url.path)
+    return JSONResponse(
+        status_code=500, content={"detail": f"internal error (id {error_id}); see the API log"}
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)
+
+
+class BodyLimit:
+    """Answers 413 for a body over `max_bytes`, whether or not Content-Length says so."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send: Send) -> None:
+        body = json.dumps({"detail": f"request body larger than {self.max_bytes} bytes"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.orm import Session
+
+from api.deps import get_publisher, get_session, get_settings
+from api.schemas import ErrorOut, JobCreate, JobList, JobOut
+from db.jobs import cancel_job, create_job, get_job, list_jobs, mark_unpublished
+from db.models import Job, JobStatus
+from tasks.registry import get_kind
+from tensorq.broker import Publisher
+from tensorq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
+
+
+def publish_after_commit(session: Session, publisher: Publisher, jobs: list[Job]) -> None:
+    """The rows are committed; if the broker is away they stay queued for the sweeper to publish."""
+    try:
+        publisher.publish_many([(get_kind(job.kind).task_name, str(job.id), job.queue) for job in jobs])
+    except Exception as exc:
+        log.warning("publish failed for %d job(s), left for the sweeper: %s", len(jobs), exc)
+        mark_unpublished(session, [job.id for job in jobs])
+        session.commit()
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    responses={
+        413: {"model": ErrorOut, "description": "Body too large"},
+        422: {"model": ErrorOut, "description": "Invalid body; `detail[].loc` names the field"},
+    },
+    summary="Submit a job",
+)
+def submit_job(
+    body: JobCreate,
+    response: Response,
+    session: Session = Depends(get_session),
+    publisher: Publisher = Depends(get_publisher),
+    settings: Settings = Depends(get_settings),
+) -> JobOut:
+    kind = get_kind(body.kind)
+    job = create_job(
+        session,
+        kind=kind.name,
+        params=body.input.model_dump(mode="json"),
+        queue=kind.category,
+        max_attempts=settings.max_attempts,
+        model=kind.model_of(body.input),
+    )
+    session.commit()
+    publish_after_commit(session, publisher, [job])
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.from_row(job)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND, summary="Get a job")
+def read_job(job_id: uuid.UUID, session: Session = Depends(get_session)) -> JobOut:
+    job = get_job(session, job_id)
+    if job is None:
+        raise HTTPException(status_code=404, detail="job not found")
+    return JobOut.from_row(job)
+
+
+@router.get("", response_model=JobList, summary="List jobs, newest first")
+def read_jobs(
+    status: JobStatus | None = None,
+    kind: str | None = Query(default=None, max_length=64),
+    limit: int = Query(default=50, ge=1, le=200),
+    cursor: str | None = Query(default=None, max_length=200, description="next_cursor of the previous page"),
+    session: Session = Depends(get_session),
+) -> JobList:
+    try:
+        jobs, next_cursor = list_jobs(session, status=status, kind=kind, limit=limit, cursor=cursor)
+    except ValueError:
+        raise RequestValidationError(
+            [{"loc": ("query", "cursor"), "msg": "malformed cursor", "type": "value_error"}]
+        ) from None
+    return JobList(items=[JobOut.from_row(j) for j in jobs], next_cursor=next_cursor)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    responses={**NOT_FOUND, 409: {"model": ErrorOut, "description": "The job already finished"}},
+    summary="Cancel a job: at once if queued, at its next check if running",
+)
+def cancel(job_id: uuid.UUID, session: Session = Depends(get_session)) -> JobOut:
+    job = cancel_job(session, job_id)
+    session.commit()
+    if job is None:
+        raise HTTPException(status_code=404, detail="job not found")
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise HTTPException(status_code=409, detail=f"job already {job.status.value}")
+    return JobOut.from_row(job)

@@ -1,0 +1,1 @@
+"""Tables, sessions and the job state machine. The only package that writes job status."""

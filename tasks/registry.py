@@ -1,0 +1,66 @@
+"""The registry of job kinds. A kind is one module in `tasks/` that defines `KIND`."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from tasks.context import JobContext
+
+P = TypeVar("P", bound=BaseModel)
+R = TypeVar("R", bound=BaseModel)
+
+Category = Literal["inference", "training"]
+
+
+@dataclass(frozen=True)
+class JobKind(Generic[P, R]):
+    name: str
+    params: type[P]
+    result: type[R]
+    run: Callable[[P, JobContext], R]
+    category: Category = "inference"
+    description: str = ""
+    # Loads what the kind needs ahead of the first job (called once per worker process).
+    warmup: Callable[[JobContext], None] | None = None
+    # The model a job of this kind will use, recorded on the job row for listing and metrics.
+    model_of: Callable[[P], str | None] = lambda params: None
+
+    @property
+    def task_name(self) -> str:
+        """The Celery task name, readable in Flower: tensorq.embed, tensorq.train_text_classifier."""
+        return "tensorq." + self.name.replace("-", "_")
+
+    def run_json(self, params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+        """Validate stored params, run, and return the result as JSON-ready data."""
+        result = self.run(self.params.model_validate(params), ctx)
+        return result.model_dump(mode="json")
+
+
+@lru_cache(maxsize=1)
+def all_kinds() -> dict[str, JobKind[Any, Any]]:
+    """Every module of this package that defines KIND, by kind name."""
+    import tasks
+
+    kinds: dict[str, JobKind[Any, Any]] = {}
+    for info in pkgutil.iter_modules(tasks.__path__):
+        module = importlib.import_module(f"tasks.{info.name}")
+        kind = getattr(module, "KIND", None)
+        if isinstance(kind, JobKind):
+            if kind.name in kinds:
+                raise RuntimeError(f"job kind {kind.name!r} defined twice")
+            kinds[kind.name] = kind
+    return dict(sorted(kinds.items()))
+
+
+def get_kind(name: str) -> JobKind[Any, Any]:
+    try:
+        return all_kinds()[name]
+    except KeyError:
+        raise KeyError(f"unknown job kind {name!r}") from None

@@ -1,0 +1,79 @@
+"""Celery configuration and publishing, shared by the API (producer) and the worker (consumer).
+
+Routing: a job goes to the queue of its kind's category, `inference` or `training`. A message
+carries only the job id (the database row holds params and secrets stay out of Flower), and its
+Celery task id is the job id, so Flower shows which job a task is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from celery import Celery
+
+from tensorq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+QUEUES = ("inference", "training")
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.redis_url,
+        # JSON only: a worker that accepts pickle runs whatever a broker client sends.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "result_accept_content": ["json"],
+        # The database holds results; Celery keeps none.
+        "task_ignore_result": True,
+        "result_backend": None,
+        # At-least-once: ack after the job's final state is committed, requeue if the child dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # Must be set on the app the worker uses (celery/celery#7651); leases guard what it cannot.
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
+        "broker_connection_retry_on_startup": True,
+        # Flower needs events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_default_queue": "inference",
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }
+
+
+def make_celery(settings: Settings, name: str = "tensorq") -> Celery:
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class Publisher:
+    """Sends job messages by task name, without importing the job kinds."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = make_celery(settings, name="tensorq-producer")
+
+    def publish(self, task_name: str, job_id: str, queue: str) -> None:
+        self.app.send_task(task_name, args=[job_id], task_id=job_id, queue=queue, retry=False)
+
+    def publish_many(self, messages: Iterable[tuple[str, str, str]]) -> None:
+        with self.app.producer_or_acquire() as producer:
+            for task_name, job_id, queue in messages:
+                self.app.send_task(
+                    task_name, args=[job_id], task_id=job_id, queue=queue, producer=producer, retry=False
+                )
+
+    def ping(self) -> None:
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+            conn.default_channel.client.ping()
+
+    def close(self) -> None:
+        self.app.close()

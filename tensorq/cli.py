@@ -1,0 +1,140 @@
+"""The `tensorq` command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+from tensorq.logs import configure_logging
+from tensorq.settings import get_settings
+
+app = typer.Typer(no_args_is_help=True, help="tensorq: PyTorch training and inference jobs.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Create or migrate the schema to REVISION (default: head)."""
+    from db.migrate import upgrade
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    upgrade(settings.sqlalchemy_url, revision)
+    typer.echo(f"database at {revision}")
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Default: TENSORQ_API_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: TENSORQ_API_PORT")] = None,
+) -> None:
+    """Run the HTTP API."""
+    import uvicorn
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@app.command()
+def worker(
+    gpus: Annotated[
+        str, typer.Option(help="'all' (or 'auto'), 'none' (CPU), or indices like '0,2'")
+    ] = "auto",
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume")] = "inference,training",
+    concurrency: Annotated[int, typer.Option(min=1, help="Pool processes per device")] = 1,
+    pool: Annotated[str | None, typer.Option(help="Celery pool (default: TENSORQ_WORKER_POOL)")] = None,
+) -> None:
+    """Run Celery workers: one process per selected GPU, or one on CPU."""
+    from worker.devices import detect_gpu_count, plan_devices
+
+    try:
+        plans = plan_devices(gpus, detect_gpu_count())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--gpus") from None
+    if len(plans) > 1:
+        raise typer.Exit(
+            _supervise_gpu_workers([p.cuda_visible_devices for p in plans], queues, concurrency, pool)
+        )
+    plan = plans[0]
+    # Pin before torch is imported anywhere in this process or the pool it forks.
+    os.environ["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices
+    os.environ["TENSORQ_WORKER_DEVICE"] = plan.device
+    get_settings.cache_clear()
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    from worker.celery_app import app as celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            "--pool", pool or settings.worker_pool,
+            "--concurrency", str(concurrency),
+            "--hostname", f"{plan.node}@%h",
+            "--queues", queues,
+            "--task-events",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel", settings.log_level,
+        ]
+    )  # fmt: skip
+
+
+def _supervise_gpu_workers(indices: list[str], queues: str, concurrency: int, pool: str | None) -> int:
+    """One child `tensorq worker --gpus i` per GPU; a signal to us goes to all of them."""
+    args = ["--queues", queues, "--concurrency", str(concurrency)] + (["--pool", pool] if pool else [])
+    children = [
+        subprocess.Popen([sys.executable, "-m", "tensorq.cli", "worker", "--gpus", i, *args]) for i in indices
+    ]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes)
+
+
+@app.command()
+def flower(port: Annotated[int | None, typer.Option(help="Default: TENSORQ_FLOWER_PORT")] = None) -> None:
+    """Run Flower against the same broker, behind basic auth (TENSORQ_FLOWER_BASIC_AUTH=user:password)."""
+    settings = get_settings()
+    if settings.flower_basic_auth is None:
+        typer.echo("refusing to start Flower without TENSORQ_FLOWER_BASIC_AUTH=user:password", err=True)
+        raise typer.Exit(2)
+    env = {**os.environ, "FLOWER_BASIC_AUTH": settings.flower_basic_auth.get_secret_value()}
+    argv = [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "flower",
+        f"--port={port or settings.flower_port}", "--address=127.0.0.1",
+    ]  # fmt: skip
+    os.execve(sys.executable, argv, env)
+
+
+@app.command()
+def up(flower: Annotated[bool, typer.Option(help="Start Flower too")] = True) -> None:
+    """Everything on this machine: migrate SQLite, embedded Redis, a worker, the API and Flower."""
+    from tensorq.embedded import run_embedded
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    raise typer.Exit(run_embedded(settings, flower=flower))
+
+
+if __name__ == "__main__":
+    app()

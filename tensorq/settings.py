@@ -1,0 +1,60 @@
+"""The one typed settings object. Nothing else in tensorq reads the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TENSORQ_", extra="ignore")
+
+    # Storage and broker
+    database_url: str = "sqlite:///./var/tensorq.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    artifact_dir: Path = Path("./var/artifacts")
+    # Port for the embedded redis-server that `tensorq up` starts when TENSORQ_REDIS_URL is not set.
+    embedded_redis_port: int = 6390
+
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    list_page_max: int = Field(default=200, ge=1)
+
+    # Flower, always behind basic auth ("user:password"); `tensorq up` makes one if unset.
+    flower_port: int = 5555
+    flower_basic_auth: SecretStr | None = None
+
+    # Delivery and leases
+    max_attempts: int = Field(default=3, ge=1)
+    lease_seconds: float = Field(default=60.0, gt=0)
+    visibility_timeout_seconds: int = Field(default=3600, ge=1)
+    # A queued job whose message was published this long ago without being claimed is published again.
+    republish_after_seconds: float = Field(default=600.0, gt=0)
+    sweep_interval_seconds: float = Field(default=5.0, gt=0)
+
+    # Worker
+    worker_device: str = "cpu"  # set by `tensorq worker` for each process it starts
+    worker_pool: str = "prefork"
+    torch_threads: int | None = None
+    model_cache_bytes: int = Field(default=4 * 1024**3, ge=0)
+
+    log_level: str = "INFO"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL with the psycopg 3 driver made explicit for PostgreSQL."""
+        url = self.database_url
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

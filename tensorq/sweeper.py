@@ -1,0 +1,62 @@
+"""Housekeeping that keeps the database and the broker in step.
+
+- reap: running jobs whose lease expired go back to queued (or fail when out of attempts);
+- publish: queued jobs whose message never left (broker down) or may be lost are published again.
+A duplicate message is harmless: only one claim of a job can succeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from db.jobs import jobs_to_publish, mark_published, reap_expired_leases
+from db.session import session_scope
+from tasks.registry import get_kind
+from tensorq.broker import Publisher
+from tensorq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def sweep_once(settings: Settings, publisher: Publisher) -> tuple[int, int]:
+    """One pass; returns (jobs requeued or failed by the reaper, jobs published)."""
+    url = settings.sqlalchemy_url
+    with session_scope(url) as session:
+        requeued, failed = reap_expired_leases(session)
+    for job_id in requeued:
+        log.warning("job %s: lease expired, requeued", job_id)
+    for job_id in failed:
+        log.error("job %s: lease expired with no attempts left, failed", job_id)
+    with session_scope(url) as session:
+        pending = jobs_to_publish(session, republish_after=settings.republish_after_seconds)
+        messages = [(get_kind(job.kind).task_name, str(job.id), job.queue) for job in pending]
+    if messages:
+        publisher.publish_many(messages)
+        with session_scope(url) as session:
+            mark_published(session, [job.id for job in pending])
+        log.info("published %d pending jobs", len(messages))
+    return len(requeued) + len(failed), len(messages)
+
+
+class Sweeper:
+    def __init__(self, settings: Settings, publisher: Publisher) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.sweep_interval_seconds):
+            try:
+                sweep_once(self.settings, self.publisher)
+            except Exception as exc:
+                # Broker or database away: try again next interval.
+                log.warning("sweep failed: %s", exc)

@@ -1,0 +1,106 @@
+"""Submit over HTTP -> PostgreSQL row -> Redis -> real `tensorq worker` -> poll the result."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import psycopg
+import pytest
+import redis
+import torch
+
+from tasks.context import JobContext
+from tasks.embed import EmbedParams, run
+from tests.conftest import Service
+from tests.helpers import wait_job
+
+pytestmark = pytest.mark.integration
+
+TEXTS = ["A man is playing a guitar.", "Someone is playing an instrument.", "The invoice is overdue."]
+
+
+def test_embed_job_end_to_end_matches_the_model_in_process(client: httpx.Client) -> None:
+    r = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": TEXTS}})
+    assert r.status_code == 202, r.text
+    submitted = r.json()
+    assert submitted["status"] == "queued" and submitted["result"] is None
+    assert r.headers["location"] == f"/v1/jobs/{submitted['id']}"
+
+    job = wait_job(client, submitted["id"])
+    assert job["status"] == "succeeded", job
+    assert job["error"] is None and job["attempts"] == 1
+    assert job["worker"].startswith("cpu@") and job["device"] == "cpu"
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+    result = job["result"]
+    assert (result["model"], result["dim"]) == ("all-MiniLM-L6-v2", 384)
+
+    served = torch.tensor(result["embeddings"])
+    local = torch.tensor(run(EmbedParams(texts=TEXTS), JobContext()).embeddings)
+    cosines = torch.nn.functional.cosine_similarity(served, local, dim=1)
+    assert bool((cosines > 0.999).all()), cosines
+    assert float(served[0] @ served[1]) > float(served[0] @ served[2])
+
+
+def test_model_is_loaded_once_per_worker_process(client: httpx.Client, service: Service) -> None:
+    ids = [client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": [f"t{i}"]}}).json()["id"] for i in range(5)]
+    for job_id in ids:
+        assert wait_job(client, job_id)["status"] == "succeeded"
+    assert service.worker.log().count("loaded model all-MiniLM-L6-v2@cpu") == 1
+
+
+def test_listing_filters_and_pages(client: httpx.Client) -> None:
+    ids = [client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["x"]}}).json()["id"] for _ in range(3)]
+    for job_id in ids:
+        wait_job(client, job_id)
+    page = client.get("/v1/jobs", params={"kind": "embed", "status": "succeeded", "limit": 2}).json()
+    assert len(page["items"]) == 2 and page["next_cursor"]
+    assert [j["id"] for j in page["items"]] == list(reversed(ids))[:2]
+    rest = client.get("/v1/jobs", params={"kind": "embed", "limit": 200, "cursor": page["next_cursor"]}).json()
+    assert ids[0] in [j["id"] for j in rest["items"]]
+    assert all(j["status"] == "queued" for j in client.get("/v1/jobs", params={"status": "queued"}).json()["items"])
+
+
+def test_health_and_readiness(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "redis": "ok"}
+
+
+def test_redelivered_message_for_a_finished_job_does_nothing(client: httpx.Client, service: Service) -> None:
+    from tensorq.broker import Publisher
+    from tensorq.settings import Settings
+
+    job = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["once"]}}).json()
+    first = wait_job(client, job["id"])
+    publisher = Publisher(Settings(redis_url=service.env["TENSORQ_REDIS_URL"]))
+    publisher.publish("tensorq.embed", job["id"], "inference")
+    publisher.close()
+    marker = f"job {job['id']}: not claimable"
+    from tests.helpers import wait_until
+
+    wait_until(lambda: marker in service.worker.log(), timeout=30, what="duplicate message handled")
+    again = client.get(f"/v1/jobs/{job['id']}").json()
+    assert again["attempts"] == 1 and again["finished_at"] == first["finished_at"]
+
+
+def test_rejected_input_stores_and_enqueues_nothing(client: httpx.Client, service: Service, pg_url: str) -> None:
+    def rows() -> int:
+        with psycopg.connect(pg_url) as conn:
+            return conn.execute("SELECT count(*) FROM jobs").fetchone()[0]  # type: ignore[index]
+
+    broker = redis.Redis.from_url(service.env["TENSORQ_REDIS_URL"])
+    before_rows, before_msgs = rows(), broker.llen("inference")
+    bad = [
+        {"kind": "nope", "input": {"texts": ["a"]}},
+        {"kind": "embed", "input": {"texts": []}},
+        {"kind": "embed", "input": {"texts": [None]}},
+        {"kind": "embed", "input": {"texts": ["a"] * 10_000}},
+    ]
+    for body in bad:
+        r = client.post("/v1/jobs", json=body)
+        assert r.status_code in (413, 422), r.text
+        assert "detail" in r.json()
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}").status_code == 404
+    assert rows() == before_rows
+    assert broker.llen("inference") == before_msgs

@@ -1,0 +1,103 @@
+"""Bad input: a clear 4xx naming the field, and nothing stored or enqueued."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from api.app import create_app
+from db.models import Job
+from db.session import get_sessionmaker
+from tasks.embed import MAX_TEXTS
+from tensorq.settings import Settings
+
+
+@pytest.fixture
+def api(sqlite_url: str) -> Iterator[TestClient]:
+    # An unreachable broker: no valid path below may depend on it, and nothing invalid reaches it.
+    settings = Settings(database_url=sqlite_url, redis_url="redis://127.0.0.1:1/0", max_body_bytes=64 * 1024)
+    with TestClient(create_app(settings, run_sweeper=False), raise_server_exceptions=False) as client:
+        client.sqlite_url = sqlite_url  # type: ignore[attr-defined]
+        yield client
+
+
+def job_count(url: str) -> int:
+    with get_sessionmaker(url)() as s:
+        return s.scalar(select(func.count()).select_from(Job)) or 0
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"kind": "nope", "input": {"texts": ["a"]}}, ["body", "kind"]),
+        ({"input": {"texts": ["a"]}}, ["body", "kind"]),
+        ({"kind": "embed", "input": {"texts": "a"}}, ["body", "input", "texts"]),
+        ({"kind": "embed", "input": {"texts": [1]}}, ["body", "input", "texts", 0]),
+        ({"kind": "embed", "input": {"texts": []}}, ["body", "input", "texts"]),
+        ({"kind": "embed", "input": {"texts": ["a"] * (MAX_TEXTS + 1)}}, ["body", "input", "texts"]),
+        ({"kind": "embed", "input": {"texts": ["a"], "color": "red"}}, ["body", "input", "color"]),
+        ({"kind": "embed", "input": {"texts": ["a"]}, "priority_typo": 1}, ["body", "priority_typo"]),
+        ({"kind": "embed"}, ["body", "input"]),
+    ],
+)
+def test_invalid_job_is_422_naming_the_field_and_stores_nothing(
+    api: TestClient, body: dict[str, object], loc: list[object]
+) -> None:
+    r = api.post("/v1/jobs", json=body)
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/json"
+    locs = [e["loc"] for e in r.json()["detail"]]
+    assert loc in locs, locs
+    assert job_count(api.sqlite_url) == 0  # type: ignore[attr-defined]
+
+
+def test_malformed_json_is_422(api: TestClient) -> None:
+    r = api.post("/v1/jobs", content=b'{"kind": "embed", "input": ', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"]
+
+
+def test_oversized_body_is_413_json(api: TestClient) -> None:
+    body = {"kind": "embed", "input": {"texts": ["x" * 8000] * 10}}
+    r = api.post("/v1/jobs", json=body)
+    assert r.status_code == 413
+    assert "larger than" in r.json()["detail"]
+    # Without Content-Length (chunked) the limit holds too.
+    r = api.post("/v1/jobs", content=iter([b"{" + b" " * 70_000 + b"}"]), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert job_count(api.sqlite_url) == 0  # type: ignore[attr-defined]
+
+
+def test_unknown_job_is_404_and_bad_id_422(api: TestClient) -> None:
+    assert api.get("/v1/jobs/00000000-0000-0000-0000-000000000000").status_code == 404
+    assert api.get("/v1/jobs/xyz").status_code == 422
+    assert api.get("/v1/jobs", params={"cursor": "garbage"}).json()["detail"][0]["loc"] == ["query", "cursor"]
+    assert api.get("/v1/jobs", params={"status": "bogus"}).status_code == 422
+    assert api.get("/v1/jobs", params={"limit": 100000}).status_code == 422
+
+
+def test_broker_down_still_accepts_and_keeps_the_job_for_the_sweeper(api: TestClient) -> None:
+    r = api.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["kept"]}})
+    assert r.status_code == 202
+    assert r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+    assert api.get(r.headers["location"]).json()["status"] == "queued"
+    ready = api.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("error")
+    assert ready.json()["checks"]["database"] == "ok"
+
+
+def test_openapi_documents_every_route_with_models(api: TestClient) -> None:
+    doc = api.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert {"JobOut", "JobList", "EmbedJobCreate", "EmbedParams", "Health", "ErrorOut"} <= set(schemas)
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            ok = [c for c in op["responses"] if c.startswith("2")]
+            assert ok, (method, path)
+            content = op["responses"][ok[0]].get("content", {})
+            assert "$ref" in str(content), (method, path, "has no response model")
+    post = doc["paths"]["/v1/jobs"]["post"]
+    assert "EmbedJobCreate" in str(post["requestBody"])
+    assert {"202", "413", "422"} <= set(post["responses"])

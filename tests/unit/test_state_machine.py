@@ -1,0 +1,179 @@
+"""The job state machine on a migrated SQLite database."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from sqlalchemy.orm import Session
+
+from db.jobs import (
+    Outcome,
+    cancel_job,
+    claim_job,
+    create_job,
+    extend_leases,
+    finish_jobs,
+    get_job,
+    jobs_to_publish,
+    list_jobs,
+    mark_unpublished,
+    reap_expired_leases,
+    update_progress,
+)
+from db.models import JobStatus
+from db.session import get_sessionmaker
+
+
+@pytest.fixture
+def session(sqlite_url: str) -> Session:
+    return get_sessionmaker(sqlite_url)()
+
+
+def new_job(session: Session, max_attempts: int = 3, kind: str = "embed") -> uuid.UUID:
+    job = create_job(
+        session, kind=kind, params={"texts": ["a"]}, queue="inference", max_attempts=max_attempts
+    )
+    session.commit()
+    return job.id
+
+
+def claim(session: Session, job_id: uuid.UUID, lease: float = 60) -> uuid.UUID | None:
+    job = claim_job(session, job_id, worker="w@host", device="cpu", lease_seconds=lease)
+    session.commit()
+    return job.claim_token if job else None
+
+
+def test_claim_is_exclusive_and_records_worker(session: Session) -> None:
+    job_id = new_job(session)
+    token = claim(session, job_id)
+    assert token is not None
+    assert claim(session, job_id) is None  # a redelivered message while the holder is alive
+    job = get_job(session, job_id)
+    assert job is not None
+    assert (job.status, job.attempts, job.worker, job.device) == (JobStatus.RUNNING, 1, "w@host", "cpu")
+    assert job.started_at is not None
+
+
+def test_only_the_claim_holder_can_finish(session: Session) -> None:
+    job_id = new_job(session)
+    token = claim(session, job_id)
+    assert token is not None
+    stranger = Outcome(job_id, uuid.uuid4(), JobStatus.SUCCEEDED, result={"x": 1})
+    assert finish_jobs(session, [stranger]) == set()
+    assert finish_jobs(session, [Outcome(job_id, token, JobStatus.SUCCEEDED, result={"x": 2})]) == {job_id}
+    # The same final write again (a duplicate execution) changes nothing.
+    assert finish_jobs(session, [Outcome(job_id, token, JobStatus.SUCCEEDED, result={"x": 3})]) == set()
+    session.commit()
+    job = get_job(session, job_id)
+    assert job is not None and job.status == JobStatus.SUCCEEDED and job.result == {"x": 2}
+    assert job.finished_at is not None and job.finished_at >= job.started_at  # type: ignore[operator]
+    assert claim(session, job_id) is None
+
+
+def test_failed_job_keeps_typed_error(session: Session) -> None:
+    job_id = new_job(session)
+    token = claim(session, job_id)
+    assert token is not None
+    finish_jobs(session, [Outcome(job_id, token, JobStatus.FAILED, error_type="InvalidParams", error_message="m")])
+    session.commit()
+    job = get_job(session, job_id)
+    assert job is not None and (job.status, job.error_type, job.error_message) == (JobStatus.FAILED, "InvalidParams", "m")
+
+
+def test_expired_lease_can_be_reclaimed_and_old_holder_loses(session: Session) -> None:
+    job_id = new_job(session)
+    old = claim(session, job_id, lease=0.05)
+    time.sleep(0.1)
+    new = claim(session, job_id)
+    assert old and new and old != new
+    assert finish_jobs(session, [Outcome(job_id, old, JobStatus.SUCCEEDED, result={})]) == set()
+    assert update_progress(session, job_id, old, {"step": 1}) is False
+    assert update_progress(session, job_id, new, {"step": 1}) is True
+    session.commit()
+    job = get_job(session, job_id)
+    assert job is not None and job.attempts == 2
+
+
+def test_heartbeat_extends_lease_and_reports_cancel(session: Session) -> None:
+    job_id = new_job(session)
+    token = claim(session, job_id, lease=0.2)
+    assert token is not None
+    assert extend_leases(session, [(job_id, token)], lease_seconds=60) == set()
+    session.commit()
+    time.sleep(0.3)
+    assert claim(session, job_id) is None  # lease was extended
+    cancel_job(session, job_id)
+    session.commit()
+    assert extend_leases(session, [(job_id, token)], lease_seconds=60) == {job_id}
+
+
+def test_reaper_requeues_then_fails_after_max_attempts(session: Session) -> None:
+    job_id = new_job(session, max_attempts=2)
+    claim(session, job_id, lease=0.01)
+    time.sleep(0.05)
+    requeued, failed = reap_expired_leases(session)
+    session.commit()
+    assert (requeued, failed) == ([job_id], [])
+    job = get_job(session, job_id)
+    assert job is not None and job.status == JobStatus.QUEUED and job.published_at is None
+    assert [j.id for j in jobs_to_publish(session, republish_after=600)] == [job_id]
+    claim(session, job_id, lease=0.01)
+    time.sleep(0.05)
+    requeued, failed = reap_expired_leases(session)
+    session.commit()
+    assert (requeued, failed) == ([], [job_id])
+    job = get_job(session, job_id)
+    assert job is not None and job.status == JobStatus.FAILED and job.error_type == "WorkerLost"
+    assert claim(session, job_id) is None
+
+
+def test_cancel_queued_at_once_running_on_request(session: Session) -> None:
+    queued = new_job(session)
+    job = cancel_job(session, queued)
+    session.commit()
+    assert job is not None and job.status == JobStatus.CANCELLED and job.finished_at is not None
+    assert claim(session, queued) is None
+
+    running = new_job(session)
+    token = claim(session, running)
+    job = cancel_job(session, running)
+    session.commit()
+    assert job is not None and job.status == JobStatus.RUNNING and job.cancel_requested
+    assert token is not None
+    finish_jobs(session, [Outcome(running, token, JobStatus.CANCELLED)])
+    session.commit()
+    assert get_job(session, running).status == JobStatus.CANCELLED  # type: ignore[union-attr]
+
+
+def test_unpublished_jobs_are_found_for_the_sweeper(session: Session) -> None:
+    published = new_job(session)
+    lost = new_job(session)
+    mark_unpublished(session, [lost])
+    session.commit()
+    assert [j.id for j in jobs_to_publish(session, republish_after=600)] == [lost]
+    # A message published long ago may be lost with the broker: republish it too.
+    assert {j.id for j in jobs_to_publish(session, republish_after=0.0001)} == {published, lost}
+
+
+def test_keyset_pagination_walks_every_job_once_newest_first(session: Session) -> None:
+    ids = [new_job(session, kind="embed" if i % 2 else "other") for i in range(25)]
+    seen: list[uuid.UUID] = []
+    cursor = None
+    while True:
+        page, cursor = list_jobs(session, limit=7, cursor=cursor)
+        seen += [j.id for j in page]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))
+    embeds, _ = list_jobs(session, kind="embed", limit=100)
+    assert [j.id for j in embeds] == [i for n, i in reversed(list(enumerate(ids))) if n % 2]
+    claim(session, ids[0])
+    running, _ = list_jobs(session, status=JobStatus.RUNNING)
+    assert [j.id for j in running] == [ids[0]]
+
+
+def test_malformed_cursor_is_a_value_error(session: Session) -> None:
+    with pytest.raises(ValueError):
+        list_jobs(session, cursor="not-a-cursor")

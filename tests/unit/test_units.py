@@ -1,0 +1,94 @@
+"""Settings, device plans, the registry and the model cache: plain functions."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from tasks.embed import MAX_TEXT_CHARS, MAX_TEXTS, EmbedParams
+from tasks.registry import all_kinds, get_kind
+from tensorq.settings import Settings
+from worker.devices import plan_devices
+from worker.model_cache import ModelCache
+
+
+def test_settings_read_prefixed_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TENSORQ_DATABASE_URL", "postgresql://u@h:5432/d")
+    monkeypatch.setenv("TENSORQ_MAX_ATTEMPTS", "7")
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///wrong.db")
+    s = Settings()
+    assert s.sqlalchemy_url == "postgresql+psycopg://u@h:5432/d"
+    assert s.max_attempts == 7
+
+
+def test_settings_default_is_sqlite_under_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TENSORQ_DATABASE_URL", "TENSORQ_ARTIFACT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    s = Settings()
+    assert s.database_url.startswith("sqlite:///./var/")
+    assert s.artifact_dir.parts[0] == "var"
+
+
+def test_device_plans() -> None:
+    assert [p.device for p in plan_devices("none", 4)] == ["cpu"]
+    assert [p.device for p in plan_devices("all", 0)] == ["cpu"]
+    assert [(p.node, p.device, p.cuda_visible_devices) for p in plan_devices("all", 2)] == [
+        ("gpu0", "cuda:0", "0"),
+        ("gpu1", "cuda:1", "1"),
+    ]
+    assert [p.cuda_visible_devices for p in plan_devices("0,2", 3)] == ["0", "2"]
+    assert plan_devices("none", 0)[0].cuda_visible_devices == ""
+    for bad in ("3", "x", "0,,1", "-1"):
+        with pytest.raises(ValueError):
+            plan_devices(bad, 3)
+
+
+def test_registry_finds_embed_with_readable_task_name() -> None:
+    assert "embed" in all_kinds()
+    assert get_kind("embed").task_name == "tensorq.embed"
+    with pytest.raises(KeyError):
+        get_kind("nope")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"texts": []},
+        {"texts": [""]},
+        {"texts": ["x" * (MAX_TEXT_CHARS + 1)]},
+        {"texts": ["a"] * (MAX_TEXTS + 1)},
+        {"texts": "not a list"},
+        {"texts": [1]},
+        {"texts": ["a"], "extra": 1},
+    ],
+)
+def test_embed_params_reject(params: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        EmbedParams.model_validate(params)
+
+
+class Blob:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def nbytes(self) -> int:
+        return self.n
+
+
+def test_model_cache_reuses_and_evicts_least_recently_used() -> None:
+    cache = ModelCache(budget_bytes=250)
+    loads: list[str] = []
+
+    def loader(key: str, size: int = 100):  # type: ignore[no-untyped-def]
+        return lambda: loads.append(key) or Blob(size)
+
+    a = cache.get("a", loader("a"))
+    assert cache.get("a", loader("a")) is a
+    cache.get("b", loader("b"))
+    cache.get("a", loader("a"))  # a is now the most recent
+    cache.get("c", loader("c"))  # 300 > 250: evict b
+    assert loads == ["a", "b", "c"]
+    assert cache.keys() == ["a", "c"]
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (2, 3, 1)
+    big = cache.get("big", loader("big", 1000))  # alone over budget: kept, the rest evicted
+    assert cache.keys() == ["big"] and big.n == 1000

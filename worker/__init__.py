@@ -1,0 +1,1 @@
+"""Celery wiring: device pinning, claiming, leases, model caching."""
