@@ -19,12 +19,12 @@ log = logging.getLogger(__name__)
 
 
 def _clean_loc(error: dict[str, Any]) -> dict[str, Any]:
-    loc = list(error.get("loc", ()))
-    # A discriminated union puts the kind's tag into the path (body.embed.input.texts); drop it.
-    if len(loc) >= 2 and loc[0] == "body" and loc[1] in KIND_TAGS:
-        loc = [loc[0], *loc[2:]]
+    raw = list(error.get("loc", ()))
+    # A discriminated union puts the kind's tag into the path (body.embed.input.texts,
+    # body.jobs.3.embed.input); drop it so the path is the one the client sent.
+    loc = [part for i, part in enumerate(raw) if not (i > 0 and part in KIND_TAGS and _is_item(raw[i - 1]))]
     if error.get("type") in ("union_tag_invalid", "union_tag_not_found"):
-        loc = ["body", "kind"]
+        loc = [*loc, "kind"]
     error.pop("url", None)
     if isinstance(error.get("ctx"), dict):
         error["ctx"] = {k: str(v) for k, v in error["ctx"].items()}
@@ -36,6 +36,10 @@ def _clean_loc(error: dict[str, Any]) -> dict[str, Any]:
     ):
         error.pop("input")
     return error
+
+
+def _is_item(part: object) -> bool:
+    return part == "body" or isinstance(part, int)
 
 
 async def validation_error(_: Request, exc: Exception) -> JSONResponse:

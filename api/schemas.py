@@ -94,3 +94,19 @@ JobCreate: Any = (
     _models[0] if len(_models) == 1 else Annotated[Union[tuple(_models)], Field(discriminator="kind")]  # noqa: UP007
 )
 KIND_TAGS = frozenset(all_kinds())
+
+MAX_BATCH_JOBS = 1000
+
+
+class JobBatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[JobCreate] = Field(
+        min_length=1,
+        max_length=MAX_BATCH_JOBS,
+        description=f"1 to {MAX_BATCH_JOBS} jobs, stored all or none.",
+    )
+
+
+class JobBatchOut(BaseModel):
+    ids: list[uuid.UUID] = Field(description="The new jobs' ids, in the order submitted.")

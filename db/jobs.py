@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, utcnow
@@ -102,36 +102,91 @@ def mark_published(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
     )
 
 
+def _claimable(now: datetime) -> ColumnElement[bool]:
+    return and_(
+        Job.cancel_requested.is_(False),
+        Job.attempts < Job.max_attempts,
+        or_(
+            Job.status == JobStatus.QUEUED,
+            and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+        ),
+    )
+
+
+def _claim_values(now: datetime, worker: str, device: str, lease_seconds: float) -> dict[str, Any]:
+    return {
+        "status": JobStatus.RUNNING,
+        # A fresh token per claim statement: the holder's later writes must match (id, token).
+        "claim_token": uuid.uuid4(),
+        "attempts": Job.attempts + 1,
+        "worker": worker,
+        "device": device,
+        "started_at": now,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "updated_at": now,
+    }
+
+
 def claim_job(
     session: Session, job_id: uuid.UUID, *, worker: str, device: str, lease_seconds: float
 ) -> Job | None:
     """Take a queued job (or one whose holder's lease expired). None if it is not claimable."""
+    jobs = claim_jobs(session, job_id, worker=worker, device=device, lease_seconds=lease_seconds)
+    return jobs[0] if jobs else None
+
+
+def claim_jobs(
+    session: Session,
+    job_id: uuid.UUID | None,
+    *,
+    worker: str,
+    device: str,
+    lease_seconds: float,
+    also_queued: int = 0,
+    kind: str | None = None,
+    model: str | None = None,
+    same_model_as_job: bool = False,
+) -> list[Job]:
+    """Claim `job_id` and, for batching, up to `also_queued` other queued jobs of the same kind and
+    model (`model`, or `job_id`'s own with `same_model_as_job`), oldest first, in one statement.
+    Jobs another worker is claiming right now are skipped (SKIP LOCKED on PostgreSQL; SQLite has
+    a single writer). The job `job_id`, if claimed, comes first.
+    """
     now = utcnow()
+    conditions = []
+    if job_id is not None:
+        conditions.append(and_(Job.id == job_id, _claimable(now)))
+    if also_queued > 0:
+        others = (
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.QUEUED,
+                Job.cancel_requested.is_(False),
+                Job.kind == kind,
+                Job.model.is_not_distinct_from(
+                    select(Job.model).where(Job.id == job_id).scalar_subquery()
+                    if same_model_as_job
+                    else model
+                ),
+            )
+            .order_by(Job.created_at)
+            .limit(also_queued)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            others = others.with_for_update(skip_locked=True)
+        conditions.append(and_(Job.id.in_(others), Job.status == JobStatus.QUEUED))
+    if not conditions:
+        return []
     stmt = (
         update(Job)
-        .where(
-            Job.id == job_id,
-            Job.cancel_requested.is_(False),
-            Job.attempts < Job.max_attempts,
-            or_(
-                Job.status == JobStatus.QUEUED,
-                and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
-            ),
-        )
-        .values(
-            status=JobStatus.RUNNING,
-            claim_token=uuid.uuid4(),
-            attempts=Job.attempts + 1,
-            worker=worker,
-            device=device,
-            started_at=now,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            updated_at=now,
-        )
+        .where(or_(*conditions))
+        .values(**_claim_values(now, worker, device, lease_seconds))
         .returning(Job)
         .execution_options(synchronize_session=False)
     )
-    return session.scalars(stmt).one_or_none()
+    jobs = list(session.scalars(stmt))
+    jobs.sort(key=lambda j: (j.id != job_id, j.created_at))
+    return jobs
 
 
 def extend_leases(

@@ -19,7 +19,7 @@ class JobError(Exception):
         self.message = message
 
 
-class JobCancelled(Exception):  # noqa: N818 - it is a signal, not an error
+class JobCancelled(Exception):
     """Raised by `JobContext.check_cancelled` when the user cancelled the running job."""
 
 

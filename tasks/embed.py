@@ -37,8 +37,19 @@ def encoder(ctx: JobContext) -> minilm.Encoder:
 
 
 def run(params: EmbedParams, ctx: JobContext) -> EmbedResult:
-    vectors = minilm.embed_texts(encoder(ctx), params.texts)
-    return EmbedResult(model=minilm.MODEL_NAME, dim=minilm.DIM, embeddings=vectors.tolist())
+    return run_batch([params], ctx)[0]
+
+
+def run_batch(batch: list[EmbedParams], ctx: JobContext) -> list[EmbedResult]:
+    """Every job's texts through one tokenisation and one forward pass, split back per job."""
+    texts = [text for params in batch for text in params.texts]
+    vectors = minilm.embed_texts(encoder(ctx), texts).tolist()
+    results, start = [], 0
+    for params in batch:
+        end = start + len(params.texts)
+        results.append(EmbedResult(model=minilm.MODEL_NAME, dim=minilm.DIM, embeddings=vectors[start:end]))
+        start = end
+    return results
 
 
 def warmup(ctx: JobContext) -> None:
@@ -54,4 +65,6 @@ KIND = JobKind(
     description="Sentence embeddings with all-MiniLM-L6-v2.",
     warmup=warmup,
     model_of=lambda params: minilm.MODEL_NAME,
+    run_batch=run_batch,
+    batch_cost=lambda params: len(params.texts),
 )

@@ -31,6 +31,10 @@ class JobKind(Generic[P, R]):
     warmup: Callable[[JobContext], None] | None = None
     # The model a job of this kind will use, recorded on the job row for listing and metrics.
     model_of: Callable[[P], str | None] = lambda params: None
+    # Batchable inference kinds: run many jobs' params in one forward pass, one result per job.
+    run_batch: Callable[[list[P], JobContext], list[R]] | None = None
+    # A job's share of a batch (texts for text kinds); batches are bounded by the sum of these.
+    batch_cost: Callable[[P], int] = lambda params: 1
 
     @property
     def task_name(self) -> str:

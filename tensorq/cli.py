@@ -112,7 +112,10 @@ def _supervise_gpu_workers(indices: list[str], queues: str, concurrency: int, po
 
 
 @app.command()
-def flower(port: Annotated[int | None, typer.Option(help="Default: TENSORQ_FLOWER_PORT")] = None) -> None:
+def flower(
+    port: Annotated[int | None, typer.Option(help="Default: TENSORQ_FLOWER_PORT")] = None,
+    address: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+) -> None:
     """Run Flower against the same broker, behind basic auth (TENSORQ_FLOWER_BASIC_AUTH=user:password)."""
     settings = get_settings()
     if settings.flower_basic_auth is None:
@@ -121,7 +124,7 @@ def flower(port: Annotated[int | None, typer.Option(help="Default: TENSORQ_FLOWE
     env = {**os.environ, "FLOWER_BASIC_AUTH": settings.flower_basic_auth.get_secret_value()}
     argv = [
         sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "flower",
-        f"--port={port or settings.flower_port}", "--address=127.0.0.1",
+        f"--port={port or settings.flower_port}", f"--address={address}",
     ]  # fmt: skip
     os.execve(sys.executable, argv, env)
 

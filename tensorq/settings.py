@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     worker_pool: str = "prefork"
     torch_threads: int | None = None
     model_cache_bytes: int = Field(default=4 * 1024**3, ge=0)
+    # Dynamic micro-batching of inference jobs (see worker/batching.py).
+    batching: bool = True
+    batch_max_texts: int = Field(default=64, ge=1, le=4096)
+    batch_max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
 
     log_level: str = "INFO"
 

@@ -32,7 +32,7 @@ def get_runner() -> Runner:
 def _register(kind: JobKind[Any, Any]) -> None:
     @app.task(name=kind.task_name, bind=True)
     def run_job(self: Task, job_id: str) -> str | None:
-        status = get_runner().run(job_id, worker_name=self.request.hostname or "unknown")
+        status = get_runner().run(kind.name, job_id, worker_name=self.request.hostname or "unknown")
         return status.value if status else None
 
 

@@ -1,19 +1,29 @@
-"""claim -> run the job kind -> commit the final state. Celery acks the message after this returns."""
+"""claim -> run the job kind -> commit the final state. Celery acks the message after this returns.
+
+Inference kinds that can batch are run with dynamic micro-batching: the job a message names is
+claimed together with other queued jobs of the same kind and model (see `claim_jobs`), up to
+`batch_max_texts` texts; if the queue is flowing but the batch is not full, the runner waits up to
+`batch_max_wait_ms` once for more. A lone job (nothing else queued) is never held. All final states
+of a batch are written in one transaction. Messages for jobs that joined another message's batch
+find them finished (or held by a live lease) and are acknowledged as duplicates.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 import uuid
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from db.jobs import Outcome, claim_job, finish_jobs, update_progress
+from db.jobs import Outcome, claim_jobs, finish_jobs, update_progress
 from db.models import Job, JobStatus
 from db.session import session_scope
 from tasks.context import JobCancelled, JobContext, JobError
-from tasks.registry import get_kind
+from tasks.registry import JobKind, get_kind
 from tensorq.settings import Settings
 from worker.leases import LeaseKeeper
 from worker.model_cache import ModelCache
@@ -48,9 +58,66 @@ class ProgressWriter:
         self._last_write = time.monotonic()
 
 
+class RecentlyFinished:
+    """Ids of jobs this process finished as part of another message's batch (bounded)."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self._order: deque[uuid.UUID] = deque()
+        self._ids: set[uuid.UUID] = set()
+        self.size = size
+
+    def add(self, job_id: uuid.UUID) -> None:
+        self._order.append(job_id)
+        self._ids.add(job_id)
+        while len(self._order) > self.size:
+            self._ids.discard(self._order.popleft())
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._ids
+
+
 def torch_device(recorded_device: str) -> str:
     """The device inside a pinned process: CUDA_VISIBLE_DEVICES leaves it one GPU, always cuda:0."""
     return "cuda:0" if recorded_device.startswith("cuda") else "cpu"
+
+
+def chunks_by_cost(
+    items: list[tuple[Job, BaseModel]], kind: JobKind[Any, Any], max_cost: int
+) -> Iterator[list[tuple[Job, BaseModel]]]:
+    chunk: list[tuple[Job, BaseModel]] = []
+    cost = 0
+    for job, params in items:
+        c = kind.batch_cost(params)
+        if chunk and cost + c > max_cost:
+            yield chunk
+            chunk, cost = [], 0
+        chunk.append((job, params))
+        cost += c
+    if chunk:
+        yield chunk
+
+
+def failed(job: Job, error_type: str, message: str) -> Outcome:
+    assert job.claim_token is not None
+    return Outcome(
+        job.id,
+        job.claim_token,
+        JobStatus.FAILED,
+        error_type=error_type,
+        error_message=message[:MAX_ERROR_CHARS],
+    )
+
+
+def outcome_of_error(job: Job, exc: Exception) -> Outcome:
+    assert job.claim_token is not None
+    if isinstance(exc, JobCancelled):
+        return Outcome(job.id, job.claim_token, JobStatus.CANCELLED)
+    if isinstance(exc, JobError):
+        return failed(job, exc.error_type, exc.message)
+    if isinstance(exc, ValidationError):
+        return failed(job, "InvalidParams", str(exc))
+    log.error("job %s: unexpected error", job.id, exc_info=exc)
+    return failed(job, type(exc).__name__, str(exc) or repr(exc))
 
 
 class Runner:
@@ -60,40 +127,76 @@ class Runner:
         self.device = settings.worker_device
         self.models = ModelCache(settings.model_cache_bytes)
         self.leases = LeaseKeeper(self.database_url, settings.lease_seconds)
+        self.finished_in_batches = RecentlyFinished()
 
     def context(self, job_id: uuid.UUID | None = None) -> JobContext:
         return JobContext(device=torch_device(self.device), models=self.models, job_id=str(job_id))
 
-    def run(self, job_id: str, worker_name: str) -> JobStatus | None:
-        """Run one job if it can be claimed; returns its final status, or None if it was not ours."""
-        jid = uuid.UUID(job_id)
-        with session_scope(self.database_url) as session:
-            job = claim_job(
-                session,
-                jid,
-                worker=worker_name,
-                device=self.device,
-                lease_seconds=self.settings.lease_seconds,
-            )
-        if job is None:
-            log.info("job %s: not claimable (finished, cancelled, or held by a live worker)", job_id)
-            return None
-        assert job.claim_token is not None
-        log.info("job %s: claimed (attempt %d/%d) on %s", job_id, job.attempts, job.max_attempts, self.device)
-        self.leases.hold(jid, job.claim_token)
-        try:
-            outcome = self.execute(job)
-            with session_scope(self.database_url) as session:
-                written = finish_jobs(session, [outcome])
-        finally:
-            self.leases.release(jid)
-        if jid not in written:
-            log.warning("job %s: lost its claim before finishing; result discarded", job_id)
-            return None
-        log.info("job %s: %s", job_id, outcome.status.value)
-        return outcome.status
+    def run(self, kind_name: str, job_id: str, worker_name: str) -> JobStatus | None:
+        """Run the job a message names (with a batch around it when the kind batches).
 
-    def execute(self, job: Job) -> Outcome:
+        Returns the job's final status, or None when there was nothing for this message to do.
+        """
+        jid = uuid.UUID(job_id)
+        if jid in self.finished_in_batches:
+            log.debug("job %s: already finished in a batch here", job_id)
+            return None
+        kind = get_kind(kind_name)
+        jobs = self.claim(kind, jid, worker_name)
+        if not jobs or jobs[0].id != jid:
+            log.info("job %s: not claimable (finished, cancelled, or held by a live worker)", job_id)
+            if not jobs:
+                return None
+        for job in jobs:
+            assert job.claim_token is not None
+            self.leases.hold(job.id, job.claim_token)
+        try:
+            outcomes = self.execute_batch(kind, jobs) if len(jobs) > 1 else [self.execute(kind, jobs[0])]
+            with session_scope(self.database_url) as session:
+                written = finish_jobs(session, outcomes)
+        finally:
+            for job in jobs:
+                self.leases.release(job.id)
+        for outcome in outcomes:
+            if outcome.job_id not in written:
+                log.warning("job %s: lost its claim before finishing; result discarded", outcome.job_id)
+            elif outcome.job_id != jid:
+                self.finished_in_batches.add(outcome.job_id)
+        if len(jobs) > 1:
+            log.info("batch of %d %s jobs finished (%d written)", len(jobs), kind.name, len(written))
+        own = next((o for o in outcomes if o.job_id == jid), None)
+        if own is None or jid not in written:
+            return None
+        log.info("job %s: %s", job_id, own.status.value)
+        return own.status
+
+    def claim(self, kind: JobKind[Any, Any], jid: uuid.UUID, worker_name: str) -> list[Job]:
+        s = self.settings
+        batching = s.batching and kind.run_batch is not None and s.batch_max_texts > 1
+        common: dict[str, Any] = {
+            "worker": worker_name,
+            "device": self.device,
+            "lease_seconds": s.lease_seconds,
+        }
+        with session_scope(self.database_url) as session:
+            jobs = claim_jobs(
+                session, jid, **common, also_queued=s.batch_max_texts - 1 if batching else 0,
+                kind=kind.name, same_model_as_job=True,
+            )  # fmt: skip
+        if not batching or not jobs or len(jobs) == 1 or s.batch_max_wait_ms <= 0:
+            return jobs
+        texts = sum(kind.batch_cost(kind.params.model_construct(**j.params)) for j in jobs)
+        if texts < s.batch_max_texts:
+            # The queue is flowing: give the batch one short wait to fill.
+            time.sleep(s.batch_max_wait_ms / 1000)
+            with session_scope(self.database_url) as session:
+                jobs += claim_jobs(
+                    session, None, **common, also_queued=s.batch_max_texts - texts,
+                    kind=kind.name, model=jobs[0].model,
+                )  # fmt: skip
+        return jobs
+
+    def execute(self, kind: JobKind[Any, Any], job: Job) -> Outcome:
         assert job.claim_token is not None
         jid, token = job.id, job.claim_token
         progress = ProgressWriter(self.database_url, jid, token, interval=1.0)
@@ -104,25 +207,41 @@ class Runner:
             report=progress,
             cancel_requested=lambda: self.leases.cancel_requested(jid),
         )
-
-        def failed(error_type: str, message: str) -> Outcome:
-            return Outcome(
-                jid, token, JobStatus.FAILED, error_type=error_type, error_message=message[:MAX_ERROR_CHARS]
-            )
-
         try:
-            kind = get_kind(job.kind)
             result = kind.run_json(job.params, ctx)
             progress.flush()
             return Outcome(jid, token, JobStatus.SUCCEEDED, result=result)
-        except JobCancelled:
-            return Outcome(jid, token, JobStatus.CANCELLED)
-        except JobError as exc:
-            return failed(exc.error_type, exc.message)
-        except KeyError as exc:
-            return failed("UnknownKind", str(exc))
-        except ValidationError as exc:
-            return failed("InvalidParams", str(exc))
         except Exception as exc:
-            log.exception("job %s: unexpected error", jid)
-            return failed(type(exc).__name__, str(exc) or repr(exc))
+            return outcome_of_error(job, exc)
+
+    def execute_batch(self, kind: JobKind[Any, Any], jobs: list[Job]) -> list[Outcome]:
+        assert kind.run_batch is not None
+        outcomes: list[Outcome] = []
+        valid: list[tuple[Job, BaseModel]] = []
+        for job in jobs:
+            try:
+                valid.append((job, kind.params.model_validate(job.params)))
+            except ValidationError as exc:
+                outcomes.append(outcome_of_error(job, exc))
+        ctx = self.context()
+        for chunk in chunks_by_cost(valid, kind, self.settings.batch_max_texts):
+            try:
+                results = kind.run_batch([params for _, params in chunk], ctx)
+            except Exception as exc:
+                if len(chunk) == 1:
+                    outcomes.append(outcome_of_error(chunk[0][0], exc))
+                    continue
+                # One bad job must not fail its neighbours: find it by running them one by one.
+                log.warning(
+                    "batch of %d %s jobs failed (%s); running them one by one", len(chunk), kind.name, exc
+                )
+                outcomes += [self.execute(kind, job) for job, _ in chunk]
+                continue
+            for (job, _), result in zip(chunk, results, strict=True):
+                assert job.claim_token is not None
+                outcomes.append(
+                    Outcome(
+                        job.id, job.claim_token, JobStatus.SUCCEEDED, result=result.model_dump(mode="json")
+                    )
+                )
+        return outcomes

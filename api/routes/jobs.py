@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
 from api.deps import get_publisher, get_session, get_settings
-from api.schemas import ErrorOut, JobCreate, JobList, JobOut
+from api.schemas import ErrorOut, JobBatchCreate, JobBatchOut, JobCreate, JobList, JobOut
 from db.jobs import cancel_job, create_job, get_job, list_jobs, mark_unpublished
 from db.models import Job, JobStatus
 from tasks.registry import get_kind
@@ -50,8 +50,16 @@ def submit_job(
     publisher: Publisher = Depends(get_publisher),
     settings: Settings = Depends(get_settings),
 ) -> JobOut:
+    job = store_job(session, body, settings)
+    session.commit()
+    publish_after_commit(session, publisher, [job])
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.from_row(job)
+
+
+def store_job(session: Session, body: Any, settings: Settings) -> Job:
     kind = get_kind(body.kind)
-    job = create_job(
+    return create_job(
         session,
         kind=kind.name,
         params=body.input.model_dump(mode="json"),
@@ -59,10 +67,28 @@ def submit_job(
         max_attempts=settings.max_attempts,
         model=kind.model_of(body.input),
     )
+
+
+@router.post(
+    ":batch",
+    status_code=202,
+    response_model=JobBatchOut,
+    responses={
+        413: {"model": ErrorOut, "description": "Body too large"},
+        422: {"model": ErrorOut, "description": "Invalid item; `detail[].loc` names its index and field"},
+    },
+    summary="Submit many jobs in one request, stored in one transaction",
+)
+def submit_jobs(
+    body: JobBatchCreate,
+    session: Session = Depends(get_session),
+    publisher: Publisher = Depends(get_publisher),
+    settings: Settings = Depends(get_settings),
+) -> JobBatchOut:
+    jobs = [store_job(session, item, settings) for item in body.jobs]
     session.commit()
-    publish_after_commit(session, publisher, [job])
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobOut.from_row(job)
+    publish_after_commit(session, publisher, jobs)
+    return JobBatchOut(ids=[job.id for job in jobs])
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND, summary="Get a job")

@@ -43,22 +43,32 @@ def test_embed_job_end_to_end_matches_the_model_in_process(client: httpx.Client)
 
 
 def test_model_is_loaded_once_per_worker_process(client: httpx.Client, service: Service) -> None:
-    ids = [client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": [f"t{i}"]}}).json()["id"] for i in range(5)]
+    ids = [
+        client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": [f"t{i}"]}}).json()["id"]
+        for i in range(5)
+    ]
     for job_id in ids:
         assert wait_job(client, job_id)["status"] == "succeeded"
     assert service.worker.log().count("loaded model all-MiniLM-L6-v2@cpu") == 1
 
 
 def test_listing_filters_and_pages(client: httpx.Client) -> None:
-    ids = [client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["x"]}}).json()["id"] for _ in range(3)]
+    ids = [
+        client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["x"]}}).json()["id"]
+        for _ in range(3)
+    ]
     for job_id in ids:
         wait_job(client, job_id)
     page = client.get("/v1/jobs", params={"kind": "embed", "status": "succeeded", "limit": 2}).json()
     assert len(page["items"]) == 2 and page["next_cursor"]
     assert [j["id"] for j in page["items"]] == list(reversed(ids))[:2]
-    rest = client.get("/v1/jobs", params={"kind": "embed", "limit": 200, "cursor": page["next_cursor"]}).json()
+    rest = client.get(
+        "/v1/jobs", params={"kind": "embed", "limit": 200, "cursor": page["next_cursor"]}
+    ).json()
     assert ids[0] in [j["id"] for j in rest["items"]]
-    assert all(j["status"] == "queued" for j in client.get("/v1/jobs", params={"status": "queued"}).json()["items"])
+    assert all(
+        j["status"] == "queued" for j in client.get("/v1/jobs", params={"status": "queued"}).json()["items"]
+    )
 
 
 def test_health_and_readiness(client: httpx.Client) -> None:
@@ -84,7 +94,9 @@ def test_redelivered_message_for_a_finished_job_does_nothing(client: httpx.Clien
     assert again["attempts"] == 1 and again["finished_at"] == first["finished_at"]
 
 
-def test_rejected_input_stores_and_enqueues_nothing(client: httpx.Client, service: Service, pg_url: str) -> None:
+def test_rejected_input_stores_and_enqueues_nothing(
+    client: httpx.Client, service: Service, pg_url: str
+) -> None:
     def rows() -> int:
         with psycopg.connect(pg_url) as conn:
             return conn.execute("SELECT count(*) FROM jobs").fetchone()[0]  # type: ignore[index]

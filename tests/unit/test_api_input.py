@@ -55,7 +55,9 @@ def test_invalid_job_is_422_naming_the_field_and_stores_nothing(
 
 
 def test_malformed_json_is_422(api: TestClient) -> None:
-    r = api.post("/v1/jobs", content=b'{"kind": "embed", "input": ', headers={"content-type": "application/json"})
+    r = api.post(
+        "/v1/jobs", content=b'{"kind": "embed", "input": ', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422 and r.json()["detail"]
 
 
@@ -65,7 +67,9 @@ def test_oversized_body_is_413_json(api: TestClient) -> None:
     assert r.status_code == 413
     assert "larger than" in r.json()["detail"]
     # Without Content-Length (chunked) the limit holds too.
-    r = api.post("/v1/jobs", content=iter([b"{" + b" " * 70_000 + b"}"]), headers={"content-type": "application/json"})
+    r = api.post(
+        "/v1/jobs", content=iter([b"{" + b" " * 70_000 + b"}"]), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413
     assert job_count(api.sqlite_url) == 0  # type: ignore[attr-defined]
 
@@ -101,3 +105,31 @@ def test_openapi_documents_every_route_with_models(api: TestClient) -> None:
     post = doc["paths"]["/v1/jobs"]["post"]
     assert "EmbedJobCreate" in str(post["requestBody"])
     assert {"202", "413", "422"} <= set(post["responses"])
+
+
+def test_batch_error_names_the_item_index_and_stores_nothing(api: TestClient) -> None:
+    good = {"kind": "embed", "input": {"texts": ["fine"]}}
+    r = api.post("/v1/jobs:batch", json={"jobs": [good, good, {"kind": "embed", "input": {"texts": []}}]})
+    assert r.status_code == 422
+    assert [e["loc"] for e in r.json()["detail"]] == [["body", "jobs", 2, "input", "texts"]]
+    r = api.post("/v1/jobs:batch", json={"jobs": [good, {"kind": "nope", "input": {}}]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "jobs", 1, "kind"]
+    assert job_count(api.sqlite_url) == 0  # type: ignore[attr-defined]
+
+
+def test_batch_size_limits(api: TestClient) -> None:
+    assert api.post("/v1/jobs:batch", json={"jobs": []}).status_code == 422
+    tiny = {"kind": "embed", "input": {"texts": ["a"]}}
+    r = api.post("/v1/jobs:batch", json={"jobs": [tiny] * 1001})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "jobs"]
+    assert job_count(api.sqlite_url) == 0  # type: ignore[attr-defined]
+
+
+def test_batch_submission_returns_ids_in_order(api: TestClient) -> None:
+    jobs = [{"kind": "embed", "input": {"texts": [f"text {i}"]}} for i in range(5)]
+    r = api.post("/v1/jobs:batch", json={"jobs": jobs})
+    assert r.status_code == 202, r.text
+    ids = r.json()["ids"]
+    assert [api.get(f"/v1/jobs/{i}").json()["input"]["texts"][0] for i in ids] == [
+        f"text {i}" for i in range(5)
+    ]

@@ -9,7 +9,11 @@ from tasks.embed import EmbedParams, run
 
 
 def test_embed_gives_normalised_384_dim_vectors_that_capture_meaning() -> None:
-    texts = ["A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell sharply today."]
+    texts = [
+        "A man is playing a guitar.",
+        "Someone plays the guitar.",
+        "The stock market fell sharply today.",
+    ]
     result = run(EmbedParams(texts=texts), JobContext())
     assert (result.model, result.dim) == ("all-MiniLM-L6-v2", 384)
     vectors = torch.tensor(result.embeddings)

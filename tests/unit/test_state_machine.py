@@ -76,10 +76,16 @@ def test_failed_job_keeps_typed_error(session: Session) -> None:
     job_id = new_job(session)
     token = claim(session, job_id)
     assert token is not None
-    finish_jobs(session, [Outcome(job_id, token, JobStatus.FAILED, error_type="InvalidParams", error_message="m")])
+    finish_jobs(
+        session, [Outcome(job_id, token, JobStatus.FAILED, error_type="InvalidParams", error_message="m")]
+    )
     session.commit()
     job = get_job(session, job_id)
-    assert job is not None and (job.status, job.error_type, job.error_message) == (JobStatus.FAILED, "InvalidParams", "m")
+    assert job is not None and (job.status, job.error_type, job.error_message) == (
+        JobStatus.FAILED,
+        "InvalidParams",
+        "m",
+    )
 
 
 def test_expired_lease_can_be_reclaimed_and_old_holder_loses(session: Session) -> None:

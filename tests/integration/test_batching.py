@@ -1,0 +1,65 @@
+"""Dynamic micro-batching across independently submitted jobs, on a real worker."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import psycopg
+import pytest
+import torch
+
+from tasks.context import JobContext
+from tasks.embed import EmbedParams, run
+from tensorq.broker import Publisher
+from tensorq.settings import Settings
+from tests.conftest import Service
+from tests.helpers import wait_job
+
+pytestmark = pytest.mark.integration
+
+
+def test_queued_jobs_share_a_forward_pass_and_each_gets_its_own_result(
+    client: httpx.Client, service: Service
+) -> None:
+    texts = [f"sentence number {i} about {'cats' if i % 2 else 'finance'}" for i in range(40)]
+    r = client.post(
+        "/v1/jobs:batch", json={"jobs": [{"kind": "embed", "input": {"texts": [t]}} for t in texts]}
+    )
+    assert r.status_code == 202, r.text
+    ids = r.json()["ids"]
+    jobs = [wait_job(client, i) for i in ids]
+    assert all(j["status"] == "succeeded" for j in jobs)
+    # One transaction per batch: jobs of a batch share finished_at; 40 jobs took fewer batches.
+    batches = {j["finished_at"] for j in jobs}
+    assert len(batches) < 40
+    assert "batch of" in service.worker.log()
+    local = run(EmbedParams(texts=texts), JobContext()).embeddings
+    for job, expected in zip(jobs, local, strict=True):
+        assert len(job["result"]["embeddings"]) == 1
+        cos = torch.nn.functional.cosine_similarity(
+            torch.tensor(job["result"]["embeddings"][0]), torch.tensor(expected), dim=0
+        )
+        assert float(cos) > 0.999
+
+
+def test_a_bad_job_in_a_batch_fails_alone(client: httpx.Client, service: Service, pg_url: str) -> None:
+    # Params that pass no schema can only come from the database (e.g. written by an older version):
+    # insert such a row beside good jobs, publish it, and let them batch together.
+    bad_id = uuid.uuid4()
+    with psycopg.connect(pg_url) as conn:
+        conn.execute(
+            "INSERT INTO jobs (id, kind, model, queue, status, params, attempts, max_attempts, cancel_requested,"
+            " created_at, updated_at) VALUES (%s, 'embed', 'all-MiniLM-L6-v2', 'inference', 'queued', %s, 0, 3,"
+            " false, now(), now())",
+            (bad_id, json.dumps({"texts": "not a list"})),
+        )
+    good = [{"kind": "embed", "input": {"texts": [f"good {i}"]}} for i in range(10)]
+    ids = client.post("/v1/jobs:batch", json={"jobs": good}).json()["ids"]
+    publisher = Publisher(Settings(redis_url=service.env["TENSORQ_REDIS_URL"]))
+    publisher.publish("tensorq.embed", str(bad_id), "inference")
+    publisher.close()
+    bad = wait_job(client, str(bad_id))
+    assert bad["status"] == "failed" and bad["error"]["type"] == "InvalidParams"
+    assert all(wait_job(client, i)["status"] == "succeeded" for i in ids)

@@ -1,0 +1,88 @@
+"""The embedded default: `tensorq up` on SQLite with its own redis-server, as the README runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_tensorq_up_runs_a_job_on_sqlite_and_embedded_redis(tmp_path: Path) -> None:
+    api_port, flower_port, redis_port = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORQ_")}
+    env.update(
+        TENSORQ_API_PORT=str(api_port),
+        TENSORQ_FLOWER_PORT=str(flower_port),
+        TENSORQ_EMBEDDED_REDIS_PORT=str(redis_port),
+    )
+    log = (tmp_path / "up.log").open("wb")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "tensorq.cli", "up"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    output = lambda: (tmp_path / "up.log").read_text(errors="replace")  # noqa: E731
+    try:
+        wait_until(
+            lambda: "tensorq is up" in output() or up.poll() is not None, timeout=180, what="tensorq up"
+        )
+        assert up.poll() is None, output()
+        # The printed curl line works as printed.
+        curl = re.search(r"curl -s -X POST (\S+) -H '([^']+)' \\\n\s+-d '([^']+)'", output())
+        assert curl, output()
+        url, header, body = curl.groups()
+        name, value = header.split(": ")
+        r = httpx.post(url, headers={name: value}, content=body, timeout=10)
+        assert r.status_code == 202, r.text
+        job_url = f"http://127.0.0.1:{api_port}{r.headers['location']}"
+
+        def finished() -> dict[str, object] | None:
+            job: dict[str, object] = httpx.get(job_url, timeout=10).json()
+            return job if job["status"] in ("succeeded", "failed") else None
+
+        job = wait_until(finished, timeout=120, interval=0.2, what="embedded job")
+        assert job["status"] == "succeeded", job
+        assert len(job["result"]["embeddings"][0]) == 384  # type: ignore[index]
+        assert (tmp_path / "var" / "tensorq.db").exists()
+
+        # Flower is up against the same broker and refuses anonymous access.
+        flower = f"http://127.0.0.1:{flower_port}"
+        wait_until(lambda: _responds(f"{flower}/api/workers"), timeout=60, what="flower")
+        assert httpx.get(f"{flower}/api/workers", timeout=10).status_code == 401
+        auth = re.search(r"user:password (\S+?):(\S+)\)", output())
+        assert auth, output()
+        user, password = auth.groups()
+        assert httpx.get(f"{flower}/api/workers", auth=(user, password), timeout=10).status_code == 200
+    finally:
+        up.terminate()
+        up.wait(timeout=60)
+        log.close()
+    # Stopping `tensorq up` stops what it started, its redis-server included.
+    assert up.returncode == 0, output()
+    assert not _listening(redis_port) and not _listening(api_port)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _responds(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False
