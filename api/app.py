@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import BodyLimit, install_error_handlers
-from api.routes import health, jobs
+from api.routes import datasets, health, jobs, models
 from tensorq import __version__
 from tensorq.broker import Publisher
+from tensorq.events import EventListener
 from tensorq.settings import Settings, get_settings
 from tensorq.sweeper import Sweeper
 
@@ -22,6 +23,9 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings)
         app.state.publisher = publisher
+        listener = EventListener(settings.redis_url)
+        listener.start()
+        app.state.events = listener
         sweeper = Sweeper(settings, publisher) if run_sweeper else None
         if sweeper:
             sweeper.start()
@@ -30,6 +34,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         finally:
             if sweeper:
                 sweeper.stop()
+            await listener.stop()
             publisher.close()
 
     app = FastAPI(
@@ -42,5 +47,11 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(datasets.router)
+    app.include_router(models.router)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        upload_paths={"/v1/datasets": settings.dataset_max_bytes},
+    )
     return app

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from db.session import get_sessionmaker
 from tensorq.broker import Publisher
+from tensorq.events import EventListener
 from tensorq.settings import Settings
 
 
@@ -28,3 +29,8 @@ def get_session(request: Request) -> Iterator[Session]:
 def get_publisher(request: Request) -> Publisher:
     publisher: Publisher = request.app.state.publisher
     return publisher
+
+
+def get_events(request: Request) -> EventListener:
+    events: EventListener = request.app.state.events
+    return events

@@ -28,6 +28,7 @@ class JobOut(BaseModel):
     error: JobErrorOut | None
     attempts: int
     max_attempts: int
+    cancel_requested: bool
     worker: str | None
     device: str | None
     created_at: datetime
@@ -50,6 +51,7 @@ class JobOut(BaseModel):
             error=error,
             attempts=job.attempts,
             max_attempts=job.max_attempts,
+            cancel_requested=job.cancel_requested,
             worker=job.worker,
             device=job.device,
             created_at=job.created_at,
@@ -110,3 +112,50 @@ class JobBatchCreate(BaseModel):
 
 class JobBatchOut(BaseModel):
     ids: list[uuid.UUID] = Field(description="The new jobs' ids, in the order submitted.")
+
+
+class DatasetOut(BaseModel):
+    id: uuid.UUID
+    name: str | None
+    rows: int
+    labels: list[str]
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut]
+
+
+class ModelVersionOut(BaseModel):
+    version: int
+    labels: list[str]
+    metrics: dict[str, Any]
+    artifact: str = Field(description="Location in the artifact store (safetensors + config).")
+    job_id: uuid.UUID | None
+    created_at: datetime
+
+
+class ModelOut(BaseModel):
+    name: str
+    latest_version: int | None
+    aliases: dict[str, int] = Field(description='alias -> version, e.g. {"production": 3}')
+    versions: list[ModelVersionOut]
+    created_at: datetime
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]
+
+
+class AliasIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, le=999_999_999)
+
+
+class AliasOut(BaseModel):
+    model: str
+    alias: str
+    version: int

@@ -354,3 +354,7 @@ def list_jobs(
         rows = rows[:limit]
         next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
     return rows, next_cursor
+
+
+def is_cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))

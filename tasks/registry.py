@@ -35,6 +35,9 @@ class JobKind(Generic[P, R]):
     run_batch: Callable[[list[P], JobContext], list[R]] | None = None
     # A job's share of a batch (texts for text kinds); batches are bounded by the sum of these.
     batch_cost: Callable[[P], int] = lambda params: 1
+    # Training kinds whose result carries `model: {name, artifact_dir, labels, metrics}`: the worker
+    # registers that directory as the model's next version when it commits the job.
+    registers_model: bool = False
 
     @property
     def task_name(self) -> str:

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     api_port: int = 8000
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     list_page_max: int = Field(default=200, ge=1)
+    # Dataset uploads (POST /v1/datasets) have their own, larger limits.
+    dataset_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    dataset_max_rows: int = Field(default=200_000, ge=2)
 
     # Flower, always behind basic auth ("user:password"); `tensorq up` makes one if unset.
     flower_port: int = 5555

@@ -4,18 +4,15 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 import redis
 
 from db.migrate import upgrade
-from tests.helpers import Proc, free_port, wait_until
+from tests.helpers import Service, create_database, drop_database, service_env, start_service
 
 POSTGRES_ADMIN_URL = os.environ.get("TENSORQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TENSORQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
@@ -34,23 +31,11 @@ def _with_db(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
+def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database, migrated with Alembic, dropped afterwards."""
-    name = f"tensorq_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = _with_db(POSTGRES_ADMIN_URL, name)
-    try:
-        yield url
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(scope="session")
-def pg_url(pg_database: str) -> str:
-    upgrade(pg_database.replace("postgresql://", "postgresql+psycopg://"))
-    return pg_database
+    url = create_database(POSTGRES_ADMIN_URL)
+    yield url
+    drop_database(POSTGRES_ADMIN_URL, url)
 
 
 @pytest.fixture(scope="session")
@@ -59,52 +44,6 @@ def redis_url() -> str:
     client.flushdb()
     client.close()
     return REDIS_URL
-
-
-@dataclass
-class Service:
-    base_url: str
-    env: dict[str, str]
-    api: Proc
-    worker: Proc
-    log_dir: Path
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30)
-
-
-def service_env(database_url: str, redis_url: str, tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORQ_")}
-    env.update(
-        TENSORQ_DATABASE_URL=database_url,
-        TENSORQ_REDIS_URL=redis_url,
-        TENSORQ_ARTIFACT_DIR=str(tmp / "artifacts"),
-        TENSORQ_SWEEP_INTERVAL_SECONDS="1",
-        TENSORQ_LOG_LEVEL="INFO",
-        HF_HUB_OFFLINE="1",
-    )
-    env.update(extra)
-    return env
-
-
-def start_service(env: dict[str, str], log_dir: Path, worker_args: list[str] | None = None) -> Service:
-    port = free_port()
-    worker = Proc("worker", ["worker", "--gpus", "none", *(worker_args or [])], env, log_dir)
-    api = Proc("api", ["api", "--port", str(port)], env, log_dir)
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        assert api.alive(), api.log()
-        assert worker.alive(), worker.log()
-        try:
-            return httpx.get(f"{base}/readyz", timeout=2).status_code == 200 and (
-                "worker process ready" in worker.log()
-            )
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ready, timeout=120, interval=0.3, what="api and worker ready")
-    return Service(base_url=base, env=env, api=api, worker=worker, log_dir=log_dir)
 
 
 @pytest.fixture(scope="session")

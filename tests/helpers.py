@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import psycopg
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +78,67 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 60) -> dict[str
         return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
     return wait_until(done, timeout, interval=0.05, what=f"job {job_id}")
+
+
+@dataclass
+class Service:
+    base_url: str
+    env: dict[str, str]
+    api: Proc
+    worker: Proc
+    log_dir: Path
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30)
+
+
+def service_env(database_url: str, redis_url: str, tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORQ_")}
+    env.update(
+        TENSORQ_DATABASE_URL=database_url,
+        TENSORQ_REDIS_URL=redis_url,
+        TENSORQ_ARTIFACT_DIR=str(tmp / "artifacts"),
+        TENSORQ_SWEEP_INTERVAL_SECONDS="1",
+        TENSORQ_LOG_LEVEL="INFO",
+        HF_HUB_OFFLINE="1",
+    )
+    env.update(extra)
+    return env
+
+
+def start_service(env: dict[str, str], log_dir: Path, worker_args: list[str] | None = None) -> Service:
+    port = free_port()
+    worker = Proc("worker", ["worker", "--gpus", "none", *(worker_args or [])], env, log_dir)
+    api = Proc("api", ["api", "--port", str(port)], env, log_dir)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert api.alive(), api.log()
+        assert worker.alive(), worker.log()
+        try:
+            return httpx.get(f"{base}/readyz", timeout=2).status_code == 200 and (
+                "worker process ready" in worker.log()
+            )
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, timeout=120, interval=0.3, what="api and worker ready")
+    return Service(base_url=base, env=env, api=api, worker=worker, log_dir=log_dir)
+
+
+def create_database(admin_url: str, prefix: str = "tensorq_test") -> str:
+    """A new, migrated PostgreSQL database beside `admin_url`'s; returns its URL."""
+    from db.migrate import upgrade
+
+    name = f"{prefix}_{os.urandom(4).hex()}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"{admin_url.rpartition('/')[0]}/{name}"
+    upgrade(url.replace("postgresql://", "postgresql+psycopg://"))
+    return url
+
+
+def drop_database(admin_url: str, url: str) -> None:
+    name = url.rpartition("/")[2]
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

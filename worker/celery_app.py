@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 app: Celery = make_celery(get_settings())
 
+# Celery logs two INFO lines per task; at hundreds of jobs/s that is real CPU. Flower has them.
+for _name in ("celery.worker.strategy", "celery.app.trace"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
 
 @lru_cache(maxsize=1)
 def get_runner() -> Runner:

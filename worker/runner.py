@@ -10,20 +10,27 @@ find them finished (or held by a live lease) and are acknowledged as duplicates.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from db.jobs import Outcome, claim_jobs, finish_jobs, update_progress
+from db import registry
+from db.jobs import Outcome, claim_jobs, finish_jobs, is_cancel_requested, update_progress
 from db.models import Job, JobStatus
 from db.session import session_scope
-from tasks.context import JobCancelled, JobContext, JobError
+from tasks.context import JobCancelled, JobContext, JobError, ResolvedModel
 from tasks.registry import JobKind, get_kind
+from tensorq.artifacts import ArtifactStore, UnsafePath
+from tensorq.datasets import DatasetError, parse_jsonl
+from tensorq.events import EventPublisher
 from tensorq.settings import Settings
 from worker.leases import LeaseKeeper
 from worker.model_cache import ModelCache
@@ -36,8 +43,16 @@ MAX_ERROR_CHARS = 2000
 class ProgressWriter:
     """Keeps the latest progress and writes it at most every `interval` seconds."""
 
-    def __init__(self, database_url: str, job_id: uuid.UUID, claim_token: uuid.UUID, interval: float) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        job_id: uuid.UUID,
+        claim_token: uuid.UUID,
+        interval: float,
+        events: EventPublisher | None = None,
+    ) -> None:
         self.database_url = database_url
+        self.events = events
         self.job_id = job_id
         self.claim_token = claim_token
         self.interval = interval
@@ -54,6 +69,8 @@ class ProgressWriter:
             return
         with session_scope(self.database_url) as session:
             update_progress(session, self.job_id, self.claim_token, self._pending)
+        if self.events is not None:
+            self.events.changed([self.job_id])
         self._pending = None
         self._last_write = time.monotonic()
 
@@ -128,9 +145,17 @@ class Runner:
         self.models = ModelCache(settings.model_cache_bytes)
         self.leases = LeaseKeeper(self.database_url, settings.lease_seconds)
         self.finished_in_batches = RecentlyFinished()
+        self.events = EventPublisher(settings.redis_url)
+        self.store = ArtifactStore(settings.artifact_dir)
 
-    def context(self, job_id: uuid.UUID | None = None) -> JobContext:
-        return JobContext(device=torch_device(self.device), models=self.models, job_id=str(job_id))
+    def context(self) -> JobContext:
+        """For batches and warm-up: shared resources, no per-job progress or cancellation."""
+        return JobContext(
+            device=torch_device(self.device),
+            models=self.models,
+            load_dataset=self.load_dataset,
+            resolve_model=self.resolve_model,
+        )
 
     def run(self, kind_name: str, job_id: str, worker_name: str) -> JobStatus | None:
         """Run the job a message names (with a batch around it when the kind batches).
@@ -150,10 +175,18 @@ class Runner:
         for job in jobs:
             assert job.claim_token is not None
             self.leases.hold(job.id, job.claim_token)
+        self.events.changed(job.id for job in jobs)
         try:
             outcomes = self.execute_batch(kind, jobs) if len(jobs) > 1 else [self.execute(kind, jobs[0])]
             with session_scope(self.database_url) as session:
+                if kind.registers_model:
+                    outcomes = [self.register_model(session, o) for o in outcomes]
                 written = finish_jobs(session, outcomes)
+                if kind.registers_model and len(written) < len(outcomes):
+                    session.rollback()  # no model version for a job whose claim was lost
+                    written = set()
+            self.events.changed(written)
+            self.clean_work_dirs([o for o in outcomes if o.job_id in written])
         finally:
             for job in jobs:
                 self.leases.release(job.id)
@@ -163,11 +196,11 @@ class Runner:
             elif outcome.job_id != jid:
                 self.finished_in_batches.add(outcome.job_id)
         if len(jobs) > 1:
-            log.info("batch of %d %s jobs finished (%d written)", len(jobs), kind.name, len(written))
+            log.debug("batch of %d %s jobs finished (%d written)", len(jobs), kind.name, len(written))
         own = next((o for o in outcomes if o.job_id == jid), None)
         if own is None or jid not in written:
             return None
-        log.info("job %s: %s", job_id, own.status.value)
+        log.debug("job %s: %s", job_id, own.status.value)
         return own.status
 
     def claim(self, kind: JobKind[Any, Any], jid: uuid.UUID, worker_name: str) -> list[Job]:
@@ -199,13 +232,16 @@ class Runner:
     def execute(self, kind: JobKind[Any, Any], job: Job) -> Outcome:
         assert job.claim_token is not None
         jid, token = job.id, job.claim_token
-        progress = ProgressWriter(self.database_url, jid, token, interval=1.0)
+        progress = ProgressWriter(self.database_url, jid, token, interval=1.0, events=self.events)
         ctx = JobContext(
             device=torch_device(self.device),
             models=self.models,
             job_id=str(jid),
+            work_dir=self.store.job_dir(jid),
             report=progress,
-            cancel_requested=lambda: self.leases.cancel_requested(jid),
+            cancel_requested=self.cancel_check(jid),
+            load_dataset=self.load_dataset,
+            resolve_model=self.resolve_model,
         )
         try:
             result = kind.run_json(job.params, ctx)
@@ -213,6 +249,80 @@ class Runner:
             return Outcome(jid, token, JobStatus.SUCCEEDED, result=result)
         except Exception as exc:
             return outcome_of_error(job, exc)
+
+    def cancel_check(self, jid: uuid.UUID, every: float = 0.5) -> Callable[[], bool]:
+        """A cheap check a kind may call every step: the database is asked at most every `every` s."""
+        last = 0.0
+        requested = False
+
+        def check() -> bool:
+            nonlocal last, requested
+            if requested or self.leases.cancel_requested(jid):
+                return True
+            if time.monotonic() - last >= every:
+                last = time.monotonic()
+                with session_scope(self.database_url) as session:
+                    requested = is_cancel_requested(session, jid)
+            return requested
+
+        return check
+
+    def load_dataset(self, dataset_id: str) -> list[dict[str, Any]]:
+        try:
+            ds_id = uuid.UUID(dataset_id)
+        except ValueError:
+            raise JobError("DatasetNotFound", f"no dataset {dataset_id!r}") from None
+        with session_scope(self.database_url) as session:
+            ds = registry.get_dataset(session, ds_id)
+        if ds is None:
+            raise JobError("DatasetNotFound", f"no dataset {dataset_id!r}")
+        try:
+            data = self.store.path(ds.path).read_bytes()
+            return list(parse_jsonl(data, max_rows=self.settings.dataset_max_rows).rows)
+        except (OSError, UnsafePath, DatasetError) as exc:
+            raise JobError("DatasetUnreadable", f"dataset {dataset_id}: {exc}") from None
+
+    def resolve_model(self, ref: str) -> ResolvedModel:
+        try:
+            with session_scope(self.database_url) as session:
+                version = registry.resolve(session, ref)
+                name = registry.parse_ref(ref).name
+            return ResolvedModel(
+                name=name, version=version.version, path=self.store.path(version.artifact_path)
+            )
+        except (registry.RegistryError, ValueError) as exc:
+            raise JobError("ModelNotFound", str(exc)) from None
+
+    def clean_work_dirs(self, outcomes: list[Outcome]) -> None:
+        """A finished job's checkpoints go; only the model a registry version points at stays."""
+        for outcome in outcomes:
+            work_dir = self.store.job_dir(outcome.job_id)
+            if not work_dir.exists():
+                continue
+            keep = None
+            model = (outcome.result or {}).get("model")
+            if isinstance(model, dict) and isinstance(model.get("artifact"), str):
+                keep = self.store.path(model["artifact"])
+            for entry in work_dir.iterdir():
+                if keep is None or not keep.is_relative_to(entry):
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(
+                        missing_ok=True
+                    )
+            if keep is None:
+                shutil.rmtree(work_dir, ignore_errors=True)
+
+    def register_model(self, session: Any, outcome: Outcome) -> Outcome:
+        """Register a training job's output as the next version of its model, in the job's transaction."""
+        if outcome.status != JobStatus.SUCCEEDED or outcome.result is None:
+            return outcome
+        trained = dict(outcome.result["model"])
+        artifact = self.store.relative(Path(trained.pop("artifact_dir")))
+        version = registry.register_version(
+            session, name=trained["name"], artifact_path=artifact, labels=trained["labels"],
+            metrics=trained["metrics"], job_id=outcome.job_id,
+        )  # fmt: skip
+        result = {**outcome.result, "model": {**trained, "version": version.version, "artifact": artifact}}
+        return dataclasses.replace(outcome, result=result)
 
     def execute_batch(self, kind: JobKind[Any, Any], jobs: list[Job]) -> list[Outcome]:
         assert kind.run_batch is not None

@@ -1,19 +1,23 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
-from api.deps import get_publisher, get_session, get_settings
+from api.deps import get_events, get_publisher, get_session, get_settings
 from api.schemas import ErrorOut, JobBatchCreate, JobBatchOut, JobCreate, JobList, JobOut
 from db.jobs import cancel_job, create_job, get_job, list_jobs, mark_unpublished
 from db.models import Job, JobStatus
 from tasks.registry import get_kind
 from tensorq.broker import Publisher
+from tensorq.events import EventListener
 from tensorq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,10 +96,37 @@ def submit_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND, summary="Get a job")
-def read_job(job_id: uuid.UUID, session: Session = Depends(get_session)) -> JobOut:
-    job = get_job(session, job_id)
+async def read_job(
+    job_id: uuid.UUID,
+    wait: float = Query(
+        default=0, ge=0, le=60, description="Seconds to wait for the job to change (state or progress)"
+    ),
+    session: Session = Depends(get_session),
+    events: EventListener = Depends(get_events),
+) -> JobOut:
+    def load() -> Job | None:
+        session.rollback()  # a fresh snapshot on every read (SQLite keeps one per transaction)
+        return get_job(session, job_id)
+
+    job = await run_in_threadpool(load)
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
+    if wait > 0 and not job.status.terminal:
+        seen = (job.status, job.updated_at)
+        deadline = asyncio.get_running_loop().time() + wait
+        with events.watch(job_id) as changed:
+            # Read again after subscribing, so a change in between is not missed.
+            job = await run_in_threadpool(load)
+            while job is not None and (job.status, job.updated_at) == seen:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), remaining)
+                changed.clear()
+                job = await run_in_threadpool(load)
+        if job is None:
+            raise HTTPException(status_code=404, detail="job not found")
     return JobOut.from_row(job)
 
 

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.orm import Session
+
+from api.deps import get_session, get_settings
+from api.schemas import DatasetList, DatasetOut, ErrorOut
+from db.models import Dataset
+from db.registry import NAME, create_dataset, get_dataset, list_datasets
+from tensorq.artifacts import ArtifactStore
+from tensorq.datasets import DatasetError, parse_jsonl
+from tensorq.settings import Settings
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+JSONL_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": 'JSON Lines: one {"text": "...", "label": "..."} object per line.',
+        "content": {"application/x-ndjson": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+def dataset_out(ds: Dataset) -> DatasetOut:
+    return DatasetOut(
+        id=ds.id, name=ds.name, rows=ds.rows, labels=ds.labels, sha256=ds.sha256, size_bytes=ds.size_bytes,
+        created_at=ds.created_at,
+    )  # fmt: skip
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    openapi_extra=JSONL_BODY,
+    responses={
+        413: {"model": ErrorOut, "description": "Upload too large"},
+        422: {"model": ErrorOut, "description": "A bad line; `detail[0].loc` is ['body', 'line', N]"},
+    },
+    summary="Upload a labelled text dataset (JSONL)",
+)
+async def upload_dataset(
+    request: Request,
+    name: str | None = Query(default=None, pattern=f"^{NAME}$", description="An optional label"),
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings),
+) -> DatasetOut:
+    data = await request.body()
+    try:
+        parsed = parse_jsonl(data, max_rows=settings.dataset_max_rows)
+    except DatasetError as exc:
+        raise RequestValidationError(
+            [{"loc": ("body", "line", exc.line), "msg": exc.message, "type": "dataset_error"}]
+        ) from None
+    dataset_id = uuid.uuid4()
+    store = ArtifactStore(settings.artifact_dir)
+    relpath = store.dataset_relpath(dataset_id)
+    store.write_atomic(relpath, data)
+    ds = create_dataset(
+        session, dataset_id=dataset_id, name=name, path=relpath, rows=len(parsed.rows), labels=parsed.labels,
+        sha256=parsed.sha256, size_bytes=parsed.size_bytes,
+    )  # fmt: skip
+    session.commit()
+    return dataset_out(ds)
+
+
+@router.get(
+    "/{dataset_id}", response_model=DatasetOut, responses={404: {"model": ErrorOut}}, summary="Get a dataset"
+)
+def read_dataset(dataset_id: uuid.UUID, session: Session = Depends(get_session)) -> DatasetOut:
+    ds = get_dataset(session, dataset_id)
+    if ds is None:
+        raise HTTPException(status_code=404, detail="dataset not found")
+    return dataset_out(ds)
+
+
+@router.get("", response_model=DatasetList, summary="List datasets, newest first")
+def read_datasets(
+    limit: int = Query(default=100, ge=1, le=500), session: Session = Depends(get_session)
+) -> DatasetList:
+    return DatasetList(items=[dataset_out(d) for d in list_datasets(session, limit)])

@@ -1,0 +1,314 @@
+"""tensorq benchmark: the bare model, the service without and with batching, submit rates, latency.
+
+Everything is measured in one run on one machine against real PostgreSQL, real Redis and real
+worker processes:
+
+    python -m bench.run [--jobs 600] [--latency-n 100]
+
+It prints a table, writes JSON to bench/results/latest.json and the table to docs/performance.md
+(between the bench markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import redis
+
+from tasks import minilm
+from tests.helpers import Service, create_database, service_env, start_service
+
+ROOT = Path(__file__).resolve().parent.parent
+SENTENCES = [
+    f"{subject} {verb} {obj} on day {i}."
+    for i, (subject, verb, obj) in enumerate(
+        (s, v, o)
+        for s in ("The cat", "A customer", "My neighbour", "The new model", "Our team", "The old bridge")
+        for v in ("likes", "reviewed", "ignored", "painted", "measured", "described")
+        for o in ("the report", "a red bicycle", "the quiet lake", "every invoice", "the final match")
+    )
+]
+LONE_TEXT = "hello world"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def bare_model(n: int) -> dict[str, Any]:
+    encoder = minilm.load_encoder("cpu")
+    texts = (SENTENCES * (n // len(SENTENCES) + 1))[:n]
+    minilm.embed_texts(encoder, texts[:32])
+    rates = {}
+    for bs in (1, 8, 32, 64, 128):
+        start = time.perf_counter()
+        for i in range(0, n, bs):
+            minilm.embed_texts(encoder, texts[i : i + bs])
+        rates[bs] = n / (time.perf_counter() - start)
+    lone = []
+    for _ in range(50):
+        start = time.perf_counter()
+        minilm.embed_texts(encoder, [LONE_TEXT])
+        lone.append((time.perf_counter() - start) * 1000)
+    best = max(rates, key=lambda b: rates[b])
+    return {
+        "rates_by_batch": rates,
+        "best_batch": best,
+        "sentences_per_s": rates[best],
+        "lone_ms_p50": pct(lone, 50),
+    }
+
+
+def bare_celery(redis_url: str, n: int, log_dir: Path) -> dict[str, Any]:
+    env = {**os.environ, "BENCH_REDIS_URL": redis_url}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bench.noop_app", "worker", "-P", "prefork", "-c", "1",
+         "--without-gossip", "--without-mingle", "-l", "WARNING"],
+        env=env, cwd=ROOT, stdout=(log_dir / "noop.log").open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    os.environ["BENCH_REDIS_URL"] = redis_url
+    from bench.noop_app import noop
+
+    try:
+        noop.apply_async().get(timeout=60)
+        for _ in range(20):
+            noop.apply_async().get(timeout=10)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            noop.apply_async().get(timeout=10)
+            times.append((time.perf_counter() - start) * 1000)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    return {"p50_ms": pct(times, 50), "p99_ms": pct(times, 99)}
+
+
+def wait_terminal(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    while True:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+
+
+def in_threads(n_threads: int, work: Callable[[int], None]) -> None:
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def throughput(svc: Service, n: int, via_batch: bool, n_threads: int = 8) -> dict[str, Any]:
+    """n one-sentence jobs: first submit -> every result read back through the API."""
+    texts = (SENTENCES * (n // len(SENTENCES) + 1))[:n]
+    failures: list[str] = []
+    start = time.perf_counter()
+
+    def work(t: int) -> None:
+        mine = texts[t::n_threads]
+        with svc.client() as client:
+            if via_batch:
+                ids = []
+                for i in range(0, len(mine), 100):
+                    body = {"jobs": [{"kind": "embed", "input": {"texts": [x]}} for x in mine[i : i + 100]]}
+                    ids += client.post("/v1/jobs:batch", json=body).json()["ids"]
+            else:
+                ids = [
+                    client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": [x]}}).json()["id"]
+                    for x in mine
+                ]
+            for job_id in ids:
+                if wait_terminal(client, job_id)["status"] != "succeeded":
+                    failures.append(job_id)
+
+    in_threads(n_threads, work)
+    elapsed = time.perf_counter() - start
+    return {"jobs": n, "seconds": elapsed, "sentences_per_s": n / elapsed, "failed": len(failures)}
+
+
+def submit_rate(svc: Service, n: int, n_threads: int = 8) -> dict[str, Any]:
+    """Jobs/s accepted, with the worker paused (SIGSTOP) so only the API, DB and Redis work."""
+    os.killpg(svc.worker.popen.pid, signal.SIGSTOP)
+    try:
+        body = {"kind": "embed", "input": {"texts": [LONE_TEXT]}}
+        start = time.perf_counter()
+
+        def single(_: int) -> None:
+            with svc.client() as client:
+                for _ in range(n // n_threads):
+                    client.post("/v1/jobs", json=body).raise_for_status()
+
+        in_threads(n_threads, single)
+        per_request = (n // n_threads * n_threads) / (time.perf_counter() - start)
+
+        start = time.perf_counter()
+
+        def batched(_: int) -> None:
+            with svc.client() as client:
+                for _ in range(n // n_threads // 100 or 1):
+                    client.post("/v1/jobs:batch", json={"jobs": [body] * 100}).raise_for_status()
+
+        in_threads(n_threads, batched)
+        per_batch = ((n // n_threads // 100 or 1) * 100 * n_threads) / (time.perf_counter() - start)
+    finally:
+        os.killpg(svc.worker.popen.pid, signal.SIGCONT)
+    return {"post_jobs_per_s": per_request, "batch_jobs_per_s": per_batch}
+
+
+def drain(svc: Service, pg_url: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with psycopg.connect(pg_url) as conn:
+            left = conn.execute("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')").fetchone()
+        if left and left[0] == 0:
+            return
+        time.sleep(0.5)
+    raise TimeoutError("jobs did not drain")
+
+
+def latency(svc: Service, n: int) -> dict[str, Any]:
+    times = []
+    with svc.client() as client:
+        for i in range(n + 10):
+            start = time.perf_counter()
+            job = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": [LONE_TEXT]}}).json()
+            assert wait_terminal(client, job["id"])["status"] == "succeeded"
+            if i >= 10:
+                times.append((time.perf_counter() - start) * 1000)
+    return {"p50_ms": pct(times, 50), "p99_ms": pct(times, 99), "mean_ms": statistics.fmean(times)}
+
+
+def run_service(pg_admin: str, redis_url: str, tmp: Path, **env: str) -> tuple[Service, str]:
+    pg_url = create_database(pg_admin, prefix="tensorq_bench")
+    redis.Redis.from_url(redis_url).flushdb()
+    log_dir = tmp / f"svc-{uuid.uuid4().hex[:6]}"
+    log_dir.mkdir()
+    return start_service(service_env(pg_url, redis_url, log_dir, **env), log_dir), pg_url
+
+
+def stop(svc: Service) -> None:
+    svc.api.stop()
+    svc.worker.stop()
+
+
+def table(r: dict[str, Any]) -> str:
+    b, n, t, tb = r["bare"], r["naive"], r["tensorq"], r["tensorq_batch_submit"]
+    lat, cel, sub = r["latency"], r["bare_celery"], r["submit"]
+    rows = [
+        (f"bare model, best batch ({b['best_batch']})", f"{b['sentences_per_s']:.0f} sentences/s"),
+        ("bare model, one at a time", f"{b['rates_by_batch'][1]:.0f} sentences/s"),
+        ("naive (batching off, POST per job)", f"{n['sentences_per_s']:.0f} sentences/s"),
+        ("tensorq (batching on, POST per job)", f"{t['sentences_per_s']:.0f} sentences/s"),
+        ("tensorq (batching on, POST /v1/jobs:batch)", f"{tb['sentences_per_s']:.0f} sentences/s"),
+        ("submit: POST /v1/jobs", f"{sub['post_jobs_per_s']:.0f} jobs/s"),
+        ("submit: POST /v1/jobs:batch (100/request)", f"{sub['batch_jobs_per_s']:.0f} jobs/s"),
+        ("latency, lone job, submit -> result", f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms"),
+        ("bare model, same input", f"p50 {b['lone_ms_p50']:.1f} ms"),
+        ("service overhead (latency p50 - model p50)", f"{r['overhead_ms']:.1f} ms"),
+        ("bare Celery apply_async().get() no-op", f"p50 {cel['p50_ms']:.2f} ms, p99 {cel['p99_ms']:.2f} ms"),
+        ("ratio tensorq/bare", f"{r['ratios']['tensorq/bare']:.2f} (target >= 0.6)"),
+        ("ratio tensorq/naive", f"{r['ratios']['tensorq/naive']:.2f} (target >= 2.5)"),
+        ("ratio latency overhead/bare-celery", f"{r['ratios']['latency/bare-celery']:.2f} (target <= 3)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=600)
+    parser.add_argument("--latency-n", type=int, default=100)
+    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"))
+    args = parser.parse_args()
+
+    results: dict[str, Any] = {"machine": machine(), "jobs": args.jobs}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        print("bare model ...", flush=True)
+        results["bare"] = bare_model(512)
+        print("bare celery ...", flush=True)
+        results["bare_celery"] = bare_celery(args.redis_url, 300, tmp)
+
+        print("naive service ...", flush=True)
+        svc, pg = run_service(args.postgres_url, args.redis_url, tmp, TENSORQ_BATCHING="false")
+        try:
+            results["naive"] = throughput(svc, args.jobs, via_batch=False)
+        finally:
+            stop(svc)
+
+        print("tensorq service ...", flush=True)
+        svc, pg = run_service(args.postgres_url, args.redis_url, tmp, TENSORQ_BATCHING="true")
+        try:
+            results["latency"] = latency(svc, args.latency_n)
+            results["tensorq"] = throughput(svc, args.jobs, via_batch=False)
+            results["tensorq_batch_submit"] = throughput(svc, args.jobs, via_batch=True)
+            results["submit"] = submit_rate(svc, 800)
+            drain(svc, pg)
+        finally:
+            stop(svc)
+
+    results["overhead_ms"] = results["latency"]["p50_ms"] - results["bare"]["lone_ms_p50"]
+    results["ratios"] = {
+        "tensorq/bare": results["tensorq"]["sentences_per_s"] / results["bare"]["sentences_per_s"],
+        "tensorq/naive": results["tensorq"]["sentences_per_s"] / results["naive"]["sentences_per_s"],
+        "latency/bare-celery": results["overhead_ms"] / results["bare_celery"]["p50_ms"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    text = table(results)
+    m = results["machine"]
+    print(f"\n{m['cpu']}, {m['cores']} cores, {m['date']}\n{text}")
+    doc = Path(args.doc)
+    if doc.exists():
+        body = doc.read_text()
+        begin, end = "<!-- bench:start -->", "<!-- bench:end -->"
+        if begin in body and end in body:
+            block = (
+                f"{begin}\nMeasured {m['date']} on {m['cpu']} ({m['cores']} cores), Python {m['python']}, "
+                f"{args.jobs} one-sentence jobs per throughput run.\n\n| measure | result |\n|---|---|\n{text}\n{end}"
+            )
+            doc.write_text(body[: body.index(begin)] + block + body[body.index(end) + len(end) :])
+
+
+if __name__ == "__main__":
+    main()

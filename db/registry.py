@@ -1,0 +1,147 @@
+"""Datasets and the model registry: names, auto-incremented versions, movable aliases."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from db.models import Dataset, Model, ModelAlias, ModelVersion, utcnow
+
+NAME = r"[a-z0-9][a-z0-9_-]{0,62}"
+NAME_RE = re.compile(rf"^{NAME}$")
+REF_RE = re.compile(rf"^(?P<name>{NAME})(?::(?P<version>[1-9][0-9]{{0,8}})|@(?P<alias>{NAME}))?$")
+
+
+class RegistryError(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+
+def parse_ref(ref: str) -> ModelRef:
+    """`name` (latest), `name:3` or `name@production`."""
+    match = REF_RE.match(ref)
+    if match is None:
+        raise ValueError(f"not a model reference: {ref!r} (use name, name:3 or name@alias)")
+    version = match["version"]
+    return ModelRef(match["name"], int(version) if version else None, match["alias"])
+
+
+def create_dataset(
+    session: Session, *, dataset_id: uuid.UUID, name: str | None, path: str, rows: int, labels: list[str],
+    sha256: str, size_bytes: int,
+) -> Dataset:  # fmt: skip
+    dataset = Dataset(
+        id=dataset_id, name=name, path=path, rows=rows, labels=labels, sha256=sha256,
+        size_bytes=size_bytes, created_at=utcnow(),
+    )  # fmt: skip
+    session.add(dataset)
+    return dataset
+
+
+def get_dataset(session: Session, dataset_id: uuid.UUID) -> Dataset | None:
+    return session.get(Dataset, dataset_id)
+
+
+def list_datasets(session: Session, limit: int = 100) -> list[Dataset]:
+    return list(session.scalars(select(Dataset).order_by(Dataset.created_at.desc()).limit(limit)))
+
+
+def _ensure_model(session: Session, name: str) -> Model:
+    if not NAME_RE.match(name):
+        raise ValueError(f"not a model name: {name!r}")
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(
+        insert(Model).values(name=name, created_at=utcnow()).on_conflict_do_nothing(index_elements=["name"])
+    )
+    # The row lock serialises concurrent registrations of one name, so versions never collide.
+    return session.scalars(select(Model).where(Model.name == name).with_for_update()).one()
+
+
+def register_version(
+    session: Session, *, name: str, artifact_path: str, labels: list[str], metrics: dict[str, Any],
+    job_id: uuid.UUID | None,
+) -> ModelVersion:  # fmt: skip
+    model = _ensure_model(session, name)
+    latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model.id))
+    version = ModelVersion(
+        model_id=model.id, version=(latest or 0) + 1, artifact_path=artifact_path, labels=labels,
+        metrics=metrics, job_id=job_id, created_at=utcnow(),
+    )  # fmt: skip
+    session.add(version)
+    session.flush()
+    return version
+
+
+def get_model(session: Session, name: str) -> Model | None:
+    return session.scalars(select(Model).where(Model.name == name)).one_or_none()
+
+
+def list_models(session: Session) -> list[Model]:
+    return list(session.scalars(select(Model).order_by(Model.name)))
+
+
+def versions_of(session: Session, model: Model) -> list[ModelVersion]:
+    stmt = select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(ModelVersion.version)
+    return list(session.scalars(stmt))
+
+
+def aliases_of(session: Session, model: Model) -> dict[str, int]:
+    rows = session.scalars(select(ModelAlias).where(ModelAlias.model_id == model.id))
+    return {a.alias: a.version for a in rows}
+
+
+def resolve(session: Session, ref: str) -> ModelVersion:
+    """The version a reference names; RegistryError if there is none."""
+    parsed = parse_ref(ref)
+    model = get_model(session, parsed.name)
+    if model is None:
+        raise RegistryError(f"no model named {parsed.name!r}")
+    version = parsed.version
+    if parsed.alias is not None:
+        alias = session.get(ModelAlias, (model.id, parsed.alias))
+        if alias is None:
+            raise RegistryError(f"model {parsed.name!r} has no alias {parsed.alias!r}")
+        version = alias.version
+    stmt = select(ModelVersion).where(ModelVersion.model_id == model.id)
+    stmt = (
+        stmt.where(ModelVersion.version == version) if version else stmt.order_by(ModelVersion.version.desc())
+    )
+    found = session.scalars(stmt.limit(1)).first()
+    if found is None:
+        raise RegistryError(f"model {parsed.name!r} has no version {version}")
+    return found
+
+
+def set_alias(session: Session, name: str, alias: str, version: int) -> ModelAlias:
+    if not NAME_RE.match(alias):
+        raise ValueError(f"not an alias name: {alias!r}")
+    model = get_model(session, name)
+    if model is None:
+        raise RegistryError(f"no model named {name!r}")
+    exists = session.scalar(
+        select(ModelVersion.id).where(ModelVersion.model_id == model.id, ModelVersion.version == version)
+    )
+    if exists is None:
+        raise RegistryError(f"model {name!r} has no version {version}")
+    row = session.get(ModelAlias, (model.id, alias))
+    if row is None:
+        row = ModelAlias(model_id=model.id, alias=alias, version=version, updated_at=utcnow())
+        session.add(row)
+    else:
+        row.version = version
+        row.updated_at = utcnow()
+    session.flush()
+    return row

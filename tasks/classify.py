@@ -1,0 +1,92 @@
+"""`classify`: label texts with a registered text classifier (one `train-text-classifier` made)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from tasks import classifier as clf
+from tasks.context import JobContext, JobError, ResolvedModel
+from tasks.registry import JobKind
+
+MAX_TEXTS = 256
+MAX_TEXT_CHARS = 8192
+
+Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+# "name" (the latest version), "name:3" (a version) or "name@production" (an alias).
+ModelRef = Annotated[
+    str,
+    StringConstraints(pattern=rf"^{clf.MODEL_NAME_PATTERN}(:[1-9][0-9]{{0,8}}|@{clf.MODEL_NAME_PATTERN})?$"),
+]
+
+
+class ClassifyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelRef = Field(description='A registered classifier: "name", "name:3" or "name@alias".')
+    texts: list[Text] = Field(
+        min_length=1,
+        max_length=MAX_TEXTS,
+        description=f"1 to {MAX_TEXTS} texts of 1 to {MAX_TEXT_CHARS} characters each.",
+    )
+
+
+class Prediction(BaseModel):
+    label: str
+    probabilities: dict[str, float] = Field(description="Every label's probability; they sum to 1.")
+
+
+class ClassifyResult(BaseModel):
+    model: str
+    version: int
+    predictions: list[Prediction] = Field(description="One per text, in order.")
+
+
+def classifier(ctx: JobContext, resolved: ResolvedModel) -> clf.TextClassifier:
+    def load() -> clf.TextClassifier:
+        try:
+            return clf.load_classifier(resolved.path, ctx.device)
+        except clf.ClassifierFormatError as exc:
+            raise JobError(
+                "InvalidModel", f"{resolved.name}:{resolved.version} is not a classifier: {exc}"
+            ) from None
+
+    return ctx.models.get(f"classifier:{resolved.name}:{resolved.version}@{ctx.device}", load)
+
+
+def run(params: ClassifyParams, ctx: JobContext) -> ClassifyResult:
+    return run_batch([params], ctx)[0]
+
+
+def run_batch(batch: list[ClassifyParams], ctx: JobContext) -> list[ClassifyResult]:
+    """Jobs naming the same model share one forward pass; each reference is resolved once."""
+    resolved = {ref: ctx.resolve_model(ref) for ref in dict.fromkeys(p.model for p in batch)}
+    results: dict[int, ClassifyResult] = {}
+    for ref, model in resolved.items():
+        members = [i for i, p in enumerate(batch) if p.model == ref]
+        texts = [text for i in members for text in batch[i].texts]
+        predictions = clf.predict(classifier(ctx, model), texts)
+        start = 0
+        for i in members:
+            end = start + len(batch[i].texts)
+            results[i] = ClassifyResult(
+                model=model.name,
+                version=model.version,
+                predictions=[Prediction(label=lb, probabilities=pr) for lb, pr in predictions[start:end]],
+            )
+            start = end
+    return [results[i] for i in range(len(batch))]
+
+
+KIND = JobKind(
+    name="classify",
+    params=ClassifyParams,
+    result=ClassifyResult,
+    run=run,
+    category="inference",
+    description="Label texts with a text classifier trained by train-text-classifier.",
+    model_of=lambda params: params.model,
+    run_batch=run_batch,
+    batch_cost=lambda params: len(params.texts),
+)

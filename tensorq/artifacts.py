@@ -1,0 +1,55 @@
+"""The artifact store: a directory tree; every path into it is built here and checked to stay inside."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path, PurePosixPath
+
+
+class UnsafePath(ValueError):
+    """A relative artifact path that is absolute, climbs out, or is otherwise not ours."""
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def path(self, relative: str) -> Path:
+        """The absolute path of a stored relative path, refusing anything that escapes the root."""
+        rel = PurePosixPath(relative)
+        if not relative or rel.is_absolute() or ".." in rel.parts or "\\" in relative or "\x00" in relative:
+            raise UnsafePath(f"not a safe artifact path: {relative!r}")
+        full = (self.root / rel).resolve()
+        if not full.is_relative_to(self.root):
+            raise UnsafePath(f"not a safe artifact path: {relative!r}")
+        return full
+
+    def relative(self, absolute: Path) -> str:
+        """The stored form of a path inside the store."""
+        full = absolute.resolve()
+        if not full.is_relative_to(self.root):
+            raise UnsafePath(f"{absolute} is outside the artifact store")
+        return full.relative_to(self.root).as_posix()
+
+    def job_dir(self, job_id: uuid.UUID) -> Path:
+        return self.path(f"jobs/{uuid.UUID(str(job_id))}")
+
+    def dataset_relpath(self, dataset_id: uuid.UUID) -> str:
+        return f"datasets/{uuid.UUID(str(dataset_id))}.jsonl"
+
+    def write_atomic(self, relative: str, data: bytes) -> Path:
+        target = self.path(relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target

@@ -1,0 +1,76 @@
+"""Labelled text datasets: JSONL validation shared by uploads, inline training data and the worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+MAX_TEXT_CHARS = 8192
+MAX_LABEL_CHARS = 100
+
+
+class DatasetError(ValueError):
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(f"line {line}: {message}")
+        self.line = line
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ParsedDataset:
+    rows: list[dict[str, str]]
+    labels: list[str]
+    sha256: str
+    size_bytes: int
+
+
+def check_row(obj: Any, line: int) -> dict[str, str]:
+    if not isinstance(obj, dict):
+        raise DatasetError(line, 'expected a JSON object {"text": ..., "label": ...}')
+    extra = set(obj) - {"text", "label"}
+    if extra:
+        raise DatasetError(line, f"unknown field(s): {', '.join(sorted(extra))}")
+    text, label = obj.get("text"), obj.get("label")
+    if not isinstance(text, str) or not text.strip():
+        raise DatasetError(line, "'text' must be a non-empty string")
+    if len(text) > MAX_TEXT_CHARS:
+        raise DatasetError(line, f"'text' is longer than {MAX_TEXT_CHARS} characters")
+    if not isinstance(label, str) or not label.strip():
+        raise DatasetError(line, "'label' must be a non-empty string")
+    if len(label) > MAX_LABEL_CHARS:
+        raise DatasetError(line, f"'label' is longer than {MAX_LABEL_CHARS} characters")
+    return {"text": text, "label": label}
+
+
+def parse_jsonl(data: bytes, *, max_rows: int) -> ParsedDataset:
+    """Validate every line; raise DatasetError naming the first bad one (1-based)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DatasetError(line, "not valid UTF-8") from None
+    rows: list[dict[str, str]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        if len(rows) >= max_rows:
+            raise DatasetError(number, f"more than {max_rows} rows")
+        try:
+            obj = json.loads(raw, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise DatasetError(number, f"not valid JSON ({exc})") from None
+        rows.append(check_row(obj, number))
+    if not rows:
+        raise DatasetError(1, "no rows")
+    labels = sorted({row["label"] for row in rows})
+    if len(labels) < 2:
+        raise DatasetError(1, "a classification dataset needs at least 2 distinct labels")
+    return ParsedDataset(
+        rows=rows, labels=labels, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")

@@ -1,0 +1,97 @@
+"""Job change notifications over Redis pub/sub, so waiting clients need no polling loop.
+
+Workers publish the ids of jobs whose state changed (one message per claim or finish, batches
+included); each API process keeps one subscription and wakes the requests waiting on those ids.
+A lost notification costs only latency: waiters re-read the database when their time is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+
+import redis
+import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "tensorq:job-events"
+
+
+class EventPublisher:
+    """Used by workers; never raises (a notification is an optimisation, not a guarantee)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+
+    def changed(self, job_ids: Iterable[uuid.UUID]) -> None:
+        ids = [str(i) for i in job_ids]
+        if not ids:
+            return
+        try:
+            self.client.publish(CHANNEL, json.dumps(ids))
+        except redis.RedisError as exc:
+            log.debug("job event not published: %s", exc)
+
+
+class EventListener:
+    """One subscription per API process, fanned out to per-job waiters."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.contextmanager
+    def watch(self, job_id: uuid.UUID) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        key = str(job_id)
+        self._waiters[key].add(event)
+        try:
+            yield event
+        finally:
+            self._waiters[key].discard(event)
+            if not self._waiters[key]:
+                del self._waiters[key]
+
+    async def _listen(self) -> None:
+        while True:
+            client = aioredis.Redis.from_url(self.redis_url)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._dispatch(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Redis away: waiters fall back to their timeout; try again shortly.
+                log.debug("job event subscription lost: %s", exc)
+                await asyncio.sleep(1)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    def _dispatch(self, data: bytes) -> None:
+        try:
+            ids = json.loads(data)
+        except ValueError:
+            return
+        for job_id in ids:
+            for event in self._waiters.get(job_id, ()):
+                event.set()

@@ -1,0 +1,61 @@
+"""Long-polling (`?wait=`) driven by Redis notifications, and cancelling a queued job."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import psycopg
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def insert_unpublished_job(pg_url: str) -> str:
+    """A queued job whose message is 'in flight' (published_at = now): nothing will run it soon."""
+    job_id = uuid.uuid4()
+    with psycopg.connect(pg_url) as conn:
+        conn.execute(
+            "INSERT INTO jobs (id, kind, model, queue, status, params, attempts, max_attempts,"
+            " cancel_requested, created_at, updated_at, published_at) VALUES (%s, 'embed',"
+            " 'all-MiniLM-L6-v2', 'inference', 'queued', '{\"texts\": [\"x\"]}', 0, 3, false, now(), now(), now())",
+            (job_id,),
+        )
+    return str(job_id)
+
+
+def test_wait_returns_on_each_change_without_polling(client: httpx.Client) -> None:
+    job = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["wait for me"]}}).json()
+    seen = [job["status"]]
+    requests = 0
+    start = time.monotonic()
+    while seen[-1] not in ("succeeded", "failed"):
+        requests += 1
+        seen.append(client.get(f"/v1/jobs/{job['id']}", params={"wait": 30}).json()["status"])
+    assert seen[-1] == "succeeded"
+    assert requests <= 3, seen  # queued -> (running ->) succeeded, one answer per change
+    assert time.monotonic() - start < 20
+
+
+def test_wait_times_out_with_the_unchanged_job(client: httpx.Client, pg_url: str) -> None:
+    job_id = insert_unpublished_job(pg_url)
+    start = time.monotonic()
+    job = client.get(f"/v1/jobs/{job_id}", params={"wait": 1}).json()
+    elapsed = time.monotonic() - start
+    assert job["status"] == "queued" and 0.9 <= elapsed < 5
+    # A finished job answers at once, whatever the wait.
+    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    start = time.monotonic()
+    assert client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()["status"] == "cancelled"
+    assert time.monotonic() - start < 2
+    assert client.get(f"/v1/jobs/{job_id}", params={"wait": 61}).status_code == 422
+
+
+def test_cancel_rules(client: httpx.Client) -> None:
+    done = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["x"]}}).json()
+    while client.get(f"/v1/jobs/{done['id']}", params={"wait": 10}).json()["status"] != "succeeded":
+        pass
+    r = client.post(f"/v1/jobs/{done['id']}/cancel")
+    assert r.status_code == 409 and "succeeded" in r.json()["detail"]
+    assert client.post(f"/v1/jobs/{uuid.uuid4()}/cancel").status_code == 404
