@@ -22,6 +22,7 @@ class JobOut(BaseModel):
     kind: str
     status: JobStatus
     model: str | None
+    queue: str = Field(description="inference, training, or gpu./cpu.-prefixed when a device was required")
     input: dict[str, Any]
     progress: dict[str, Any] | None
     result: dict[str, Any] | None = Field(description="The kind's result schema, e.g. EmbedResult.")
@@ -45,6 +46,7 @@ class JobOut(BaseModel):
             kind=job.kind,
             status=job.status,
             model=job.model,
+            queue=job.queue,
             input=job.params,
             progress=job.progress,
             result=job.result,
@@ -78,6 +80,9 @@ def _pascal(name: str) -> str:
     return "".join(part.capitalize() for part in name.replace("_", "-").split("-"))
 
 
+DeviceChoice = Literal["any", "gpu", "cpu"]
+
+
 def _job_create_models() -> list[type[BaseModel]]:
     return [
         create_model(
@@ -85,6 +90,7 @@ def _job_create_models() -> list[type[BaseModel]]:
             __config__=ConfigDict(extra="forbid"),
             kind=(Literal[kind.name], Field(description=kind.description)),  # type: ignore[arg-type]
             input=(kind.params, ...),
+            device=(DeviceChoice, Field(default="any", description="Require a GPU or CPU worker, or any.")),
         )
         for kind in all_kinds().values()
     ]

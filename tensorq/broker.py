@@ -1,6 +1,9 @@
 """Celery configuration and publishing, shared by the API (producer) and the worker (consumer).
 
-Routing: a job goes to the queue of its kind's category, `inference` or `training`. A message
+Routing: a job goes to the queue of its kind's category, `inference` or `training`, or, when it
+asks for a device, `gpu.<category>` / `cpu.<category>`. GPU workers consume `inference`,
+`training`, `gpu.inference`, `gpu.training`; CPU workers `inference`, `training`, `cpu.inference`,
+`cpu.training`. A message
 carries only the job id (the database row holds params and secrets stay out of Flower), and its
 Celery task id is the job id, so Flower shows which job a task is.
 """
@@ -17,7 +20,18 @@ from tensorq.settings import Settings
 
 log = logging.getLogger(__name__)
 
-QUEUES = ("inference", "training")
+CATEGORIES = ("inference", "training")
+DEVICE_CHOICES = ("any", "gpu", "cpu")
+
+
+def queue_for(category: str, device: str = "any") -> str:
+    """The queue of a job of this category that requires `device` (gpu, cpu) or accepts any."""
+    return category if device == "any" else f"{device}.{category}"
+
+
+def queues_for_worker(on_gpu: bool) -> list[str]:
+    own = "gpu" if on_gpu else "cpu"
+    return [*CATEGORIES, *(queue_for(c, own) for c in CATEGORIES)]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

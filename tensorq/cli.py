@@ -55,7 +55,9 @@ def worker(
     gpus: Annotated[
         str, typer.Option(help="'all' (or 'auto'), 'none' (CPU), or indices like '0,2'")
     ] = "auto",
-    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume")] = "inference,training",
+    queues: Annotated[
+        str | None, typer.Option(help="Comma-separated queues (default: those that fit the device)")
+    ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Pool processes per device")] = 1,
     pool: Annotated[str | None, typer.Option(help="Celery pool (default: TENSORQ_WORKER_POOL)")] = None,
 ) -> None:
@@ -77,6 +79,7 @@ def worker(
     get_settings.cache_clear()
     settings = get_settings()
     configure_logging(settings.log_level)
+    from tensorq.broker import queues_for_worker
     from worker.celery_app import app as celery_app
 
     celery_app.worker_main(
@@ -85,7 +88,7 @@ def worker(
             "--pool", pool or settings.worker_pool,
             "--concurrency", str(concurrency),
             "--hostname", f"{plan.node}@%h",
-            "--queues", queues,
+            "--queues", queues or ",".join(queues_for_worker(plan.device != "cpu")),
             "--task-events",
             "--without-gossip",
             "--without-mingle",
@@ -94,9 +97,13 @@ def worker(
     )  # fmt: skip
 
 
-def _supervise_gpu_workers(indices: list[str], queues: str, concurrency: int, pool: str | None) -> int:
+def _supervise_gpu_workers(indices: list[str], queues: str | None, concurrency: int, pool: str | None) -> int:
     """One child `tensorq worker --gpus i` per GPU; a signal to us goes to all of them."""
-    args = ["--queues", queues, "--concurrency", str(concurrency)] + (["--pool", pool] if pool else [])
+    args = (
+        ["--concurrency", str(concurrency)]
+        + (["--queues", queues] if queues else [])
+        + (["--pool", pool] if pool else [])
+    )
     children = [
         subprocess.Popen([sys.executable, "-m", "tensorq.cli", "worker", "--gpus", i, *args]) for i in indices
     ]

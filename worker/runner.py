@@ -34,6 +34,7 @@ from tensorq.events import EventPublisher
 from tensorq.settings import Settings
 from worker.leases import LeaseKeeper
 from worker.model_cache import ModelCache
+from worker.retry import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +179,7 @@ class Runner:
         self.events.changed(job.id for job in jobs)
         try:
             outcomes = self.execute_batch(kind, jobs) if len(jobs) > 1 else [self.execute(kind, jobs[0])]
-            with session_scope(self.database_url) as session:
-                if kind.registers_model:
-                    outcomes = [self.register_model(session, o) for o in outcomes]
-                written = finish_jobs(session, outcomes)
-                if kind.registers_model and len(written) < len(outcomes):
-                    session.rollback()  # no model version for a job whose claim was lost
-                    written = set()
+            outcomes, written = with_retries(lambda: self.commit(kind, outcomes), what=f"finish job {jid}")
             self.events.changed(written)
             self.clean_work_dirs([o for o in outcomes if o.job_id in written])
         finally:
@@ -211,11 +206,15 @@ class Runner:
             "device": self.device,
             "lease_seconds": s.lease_seconds,
         }
-        with session_scope(self.database_url) as session:
-            jobs = claim_jobs(
-                session, jid, **common, also_queued=s.batch_max_texts - 1 if batching else 0,
-                kind=kind.name, same_model_as_job=True,
-            )  # fmt: skip
+
+        def claim() -> list[Job]:
+            with session_scope(self.database_url) as session:
+                return claim_jobs(
+                    session, jid, **common, also_queued=s.batch_max_texts - 1 if batching else 0,
+                    kind=kind.name, same_model_as_job=True,
+                )  # fmt: skip
+
+        jobs = with_retries(claim, what=f"claim job {jid}")
         if not batching or not jobs or len(jobs) == 1 or s.batch_max_wait_ms <= 0:
             return jobs
         texts = sum(kind.batch_cost(kind.params.model_construct(**j.params)) for j in jobs)
@@ -292,6 +291,19 @@ class Runner:
             )
         except (registry.RegistryError, ValueError) as exc:
             raise JobError("ModelNotFound", str(exc)) from None
+
+    def commit(
+        self, kind: JobKind[Any, Any], outcomes: list[Outcome]
+    ) -> tuple[list[Outcome], set[uuid.UUID]]:
+        """Final states (and model versions) in one transaction: the outcomes as written, and their ids."""
+        with session_scope(self.database_url) as session:
+            if kind.registers_model:
+                outcomes = [self.register_model(session, o) for o in outcomes]
+            written = finish_jobs(session, outcomes)
+            if kind.registers_model and len(written) < len(outcomes):
+                session.rollback()  # no model version for a job whose claim was lost
+                return outcomes, set()
+            return outcomes, written
 
     def clean_work_dirs(self, outcomes: list[Outcome]) -> None:
         """A finished job's checkpoints go; only the model a registry version points at stays."""

@@ -4,7 +4,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
@@ -12,11 +12,12 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
 from api.deps import get_events, get_publisher, get_session, get_settings
+from api.responses import model_response
 from api.schemas import ErrorOut, JobBatchCreate, JobBatchOut, JobCreate, JobList, JobOut
 from db.jobs import cancel_job, create_job, get_job, list_jobs, mark_unpublished
 from db.models import Job, JobStatus
 from tasks.registry import get_kind
-from tensorq.broker import Publisher
+from tensorq.broker import Publisher, queue_for
 from tensorq.events import EventListener
 from tensorq.settings import Settings
 
@@ -49,16 +50,14 @@ def publish_after_commit(session: Session, publisher: Publisher, jobs: list[Job]
 )
 def submit_job(
     body: JobCreate,
-    response: Response,
     session: Session = Depends(get_session),
     publisher: Publisher = Depends(get_publisher),
     settings: Settings = Depends(get_settings),
-) -> JobOut:
+) -> Response:
     job = store_job(session, body, settings)
     session.commit()
     publish_after_commit(session, publisher, [job])
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobOut.from_row(job)
+    return model_response(JobOut.from_row(job), 202, {"Location": f"/v1/jobs/{job.id}"})
 
 
 def store_job(session: Session, body: Any, settings: Settings) -> Job:
@@ -67,7 +66,7 @@ def store_job(session: Session, body: Any, settings: Settings) -> Job:
         session,
         kind=kind.name,
         params=body.input.model_dump(mode="json"),
-        queue=kind.category,
+        queue=queue_for(kind.category, body.device),
         max_attempts=settings.max_attempts,
         model=kind.model_of(body.input),
     )
@@ -88,46 +87,47 @@ def submit_jobs(
     session: Session = Depends(get_session),
     publisher: Publisher = Depends(get_publisher),
     settings: Settings = Depends(get_settings),
-) -> JobBatchOut:
+) -> Response:
     jobs = [store_job(session, item, settings) for item in body.jobs]
     session.commit()
     publish_after_commit(session, publisher, jobs)
-    return JobBatchOut(ids=[job.id for job in jobs])
+    return model_response(JobBatchOut(ids=[job.id for job in jobs]), 202)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND, summary="Get a job")
 async def read_job(
     job_id: uuid.UUID,
-    wait: float = Query(
-        default=0, ge=0, le=60, description="Seconds to wait for the job to change (state or progress)"
+    wait: float = Query(default=0, ge=0, le=60, description="Seconds to wait for the job to change"),
+    until: Literal["change", "finished"] = Query(
+        default="change",
+        description="With `wait`: answer on any change of state or progress, or only when finished",
     ),
     session: Session = Depends(get_session),
     events: EventListener = Depends(get_events),
-) -> JobOut:
+) -> Response:
     def load() -> Job | None:
         session.rollback()  # a fresh snapshot on every read (SQLite keeps one per transaction)
         return get_job(session, job_id)
 
-    job = await run_in_threadpool(load)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    # Subscribed before the first read, so a change in between is not missed.
+    with events.watch(job_id) as changed:
+        job = await run_in_threadpool(load)
+        seen = None if job is None else (job.status, job.updated_at)
+        while job is not None and not job.status.terminal and wait > 0:
+            if until == "change" and (job.status, job.updated_at) != seen:
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+            changed.clear()
+            job = await run_in_threadpool(load)
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
-    if wait > 0 and not job.status.terminal:
-        seen = (job.status, job.updated_at)
-        deadline = asyncio.get_running_loop().time() + wait
-        with events.watch(job_id) as changed:
-            # Read again after subscribing, so a change in between is not missed.
-            job = await run_in_threadpool(load)
-            while job is not None and (job.status, job.updated_at) == seen:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), remaining)
-                changed.clear()
-                job = await run_in_threadpool(load)
-        if job is None:
-            raise HTTPException(status_code=404, detail="job not found")
-    return JobOut.from_row(job)
+    return model_response(JobOut.from_row(job))
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")
@@ -137,14 +137,14 @@ def read_jobs(
     limit: int = Query(default=50, ge=1, le=200),
     cursor: str | None = Query(default=None, max_length=200, description="next_cursor of the previous page"),
     session: Session = Depends(get_session),
-) -> JobList:
+) -> Response:
     try:
         jobs, next_cursor = list_jobs(session, status=status, kind=kind, limit=limit, cursor=cursor)
     except ValueError:
         raise RequestValidationError(
             [{"loc": ("query", "cursor"), "msg": "malformed cursor", "type": "value_error"}]
         ) from None
-    return JobList(items=[JobOut.from_row(j) for j in jobs], next_cursor=next_cursor)
+    return model_response(JobList(items=[JobOut.from_row(j) for j in jobs], next_cursor=next_cursor))
 
 
 @router.post(

@@ -59,3 +59,9 @@ def test_cancel_rules(client: httpx.Client) -> None:
     r = client.post(f"/v1/jobs/{done['id']}/cancel")
     assert r.status_code == 409 and "succeeded" in r.json()["detail"]
     assert client.post(f"/v1/jobs/{uuid.uuid4()}/cancel").status_code == 404
+
+
+def test_wait_until_finished_answers_once(client: httpx.Client) -> None:
+    job = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["one answer"]}}).json()
+    done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 30, "until": "finished"}).json()
+    assert done["status"] == "succeeded" and done["result"]["dim"] == 384

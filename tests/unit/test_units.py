@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from tasks.embed import MAX_TEXT_CHARS, MAX_TEXTS, EmbedParams
 from tasks.registry import all_kinds, get_kind
+from tensorq.broker import queue_for, queues_for_worker
+from tensorq.cli import app
 from tensorq.settings import Settings
-from worker.devices import plan_devices
+from worker.devices import detect_gpu_count, plan_devices
 from worker.model_cache import ModelCache
 
 
@@ -92,3 +98,24 @@ def test_model_cache_reuses_and_evicts_least_recently_used() -> None:
     assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (2, 3, 1)
     big = cache.get("big", loader("big", 1000))  # alone over budget: kept, the rest evicted
     assert cache.keys() == ["big"] and big.n == 1000
+
+
+def test_gpu_detection_and_selection_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in nvidia-smi listing two GPUs: the launcher counts them without touching CUDA."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-b)'\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert detect_gpu_count() == 2
+    assert [p.node for p in plan_devices("all", detect_gpu_count())] == ["gpu0", "gpu1"]
+    result = CliRunner().invoke(app, ["worker", "--gpus", "5"])
+    assert result.exit_code == 2 and "GPU 5 does not exist (2 found)" in result.output
+
+
+def test_queues_fit_the_device() -> None:
+    assert queue_for("training") == "training"
+    assert queue_for("inference", "gpu") == "gpu.inference"
+    assert set(queues_for_worker(on_gpu=True)) == {"inference", "training", "gpu.inference", "gpu.training"}
+    assert set(queues_for_worker(on_gpu=False)) == {"inference", "training", "cpu.inference", "cpu.training"}

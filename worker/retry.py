@@ -1,0 +1,46 @@
+"""Transient failures (database connection lost, broker hiccup) are retried with exponential
+backoff and jitter; everything else propagates at once."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return True
+    return type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.startswith("torch")
+
+
+def backoff_delay(attempt: int, base: float = 0.25, cap: float = 15.0) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
+    return random.uniform(0, min(cap, base * 2**attempt))
+
+
+def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 10) -> T:
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc) or attempt == attempts - 1:
+                raise
+            delay = backoff_delay(attempt)
+            log.warning(
+                "%s: transient %s (%s); retry %d in %.2fs", what, type(exc).__name__, exc, attempt + 1, delay
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
