@@ -29,12 +29,13 @@ def _clean_loc(error: dict[str, Any]) -> dict[str, Any]:
     if isinstance(error.get("ctx"), dict):
         error["ctx"] = {k: str(v) for k, v in error["ctx"].items()}
     error["loc"] = loc
-    # Echoing a 2 MB input back is no help to anyone.
-    if (
-        isinstance(error.get("input"), (str, list, dict))
-        and len(json.dumps(error["input"], default=str)) > 200
-    ):
-        error.pop("input")
+    if "input" in error:
+        # Echo the offending input only when it is small and valid JSON (NaN and Infinity are not).
+        try:
+            if len(json.dumps(error["input"], allow_nan=False, default=str)) > 200:
+                error.pop("input")
+        except (ValueError, TypeError):
+            error["input"] = repr(error["input"])[:200]
     return error
 
 

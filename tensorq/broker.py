@@ -51,7 +51,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         # Must be set on the app the worker uses (celery/celery#7651); leases guard what it cannot.
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
+        # kombu sweeps for expired unacked messages only every interval x throttle seconds (100 s by
+        # default); tie the sweep to the visibility timeout so redelivery happens when it says.
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_seconds // 4)),
+            "unacked_restore_throttle": 1,
+        },
         "broker_connection_retry_on_startup": True,
         # Flower needs events.
         "worker_send_task_events": True,
@@ -88,6 +94,12 @@ class Publisher:
         with self.app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
             conn.default_channel.client.ping()
+
+    def broker_run_id(self) -> str:
+        """Changes when Redis restarts; a restarted Redis without persistence has lost its queues."""
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+            return str(conn.default_channel.client.info("server")["run_id"])
 
     def close(self) -> None:
         self.app.close()

@@ -1,7 +1,8 @@
 """Housekeeping that keeps the database and the broker in step.
 
 - reap: running jobs whose lease expired go back to queued (or fail when out of attempts);
-- publish: queued jobs whose message never left (broker down) or may be lost are published again.
+- publish: queued jobs whose message never left (broker down) or may be lost are published again;
+  when Redis restarted (its run_id changed) every queued job is, since its queues may be gone.
 A duplicate message is harmless: only one claim of a job can succeed.
 """
 
@@ -19,7 +20,7 @@ from tensorq.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def sweep_once(settings: Settings, publisher: Publisher) -> tuple[int, int]:
+def sweep_once(settings: Settings, publisher: Publisher, republish_all: bool = False) -> tuple[int, int]:
     """One pass; returns (jobs requeued or failed by the reaper, jobs published)."""
     url = settings.sqlalchemy_url
     with session_scope(url) as session:
@@ -29,7 +30,9 @@ def sweep_once(settings: Settings, publisher: Publisher) -> tuple[int, int]:
     for job_id in failed:
         log.error("job %s: lease expired with no attempts left, failed", job_id)
     with session_scope(url) as session:
-        pending = jobs_to_publish(session, republish_after=settings.republish_after_seconds)
+        pending = jobs_to_publish(
+            session, republish_after=0 if republish_all else settings.republish_after_seconds
+        )
         messages = [(get_kind(job.kind).task_name, str(job.id), job.queue) for job in pending]
     if messages:
         publisher.publish_many(messages)
@@ -54,9 +57,18 @@ class Sweeper:
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
+        broker_run: str | None = None
         while not self._stop.wait(self.settings.sweep_interval_seconds):
             try:
-                sweep_once(self.settings, self.publisher)
+                run_id: str | None = self.publisher.broker_run_id()
+            except Exception:
+                run_id = None  # Redis away: the reaper still runs; publishing will wait
+            restarted = None not in (run_id, broker_run) and run_id != broker_run
+            if restarted:
+                log.warning("Redis restarted (run_id changed): republishing every queued job")
+            try:
+                sweep_once(self.settings, self.publisher, republish_all=restarted)
+                broker_run = run_id or broker_run
             except Exception as exc:
                 # Broker or database away: try again next interval.
                 log.warning("sweep failed: %s", exc)

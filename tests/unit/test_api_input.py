@@ -133,3 +133,24 @@ def test_batch_submission_returns_ids_in_order(api: TestClient) -> None:
     assert [api.get(f"/v1/jobs/{i}").json()["input"]["texts"][0] for i in ids] == [
         f"text {i}" for i in range(5)
     ]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"kind": "embed", "input": {"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}",
+        b'{"kind": "embed", "input": {"texts": ["\xff\xfe bad utf-8"]}}',
+        b'{"kind": "train-text-classifier", "input": {"data": [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}],'
+        b' "output_model": "m", "learning_rate": NaN}}',
+        b'{"kind": "train-text-classifier", "input": {"data": [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}],'
+        b' "output_model": "m", "validation_split": Infinity}}',
+        b'{"kind": "embed", "input": {"texts": ["a"]}, "extra": -Infinity}',
+        b"\x00\x01\x02",
+    ],
+    ids=["deeply-nested", "invalid-utf8", "nan", "infinity", "unknown-field-infinity", "binary"],
+)
+def test_hostile_bodies_are_4xx_json_and_store_nothing(api: TestClient, raw: bytes) -> None:
+    r = api.post("/v1/jobs", content=raw, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert r.headers["content-type"] == "application/json" and "detail" in r.json()
+    assert job_count(api.sqlite_url) == 0  # type: ignore[attr-defined]
