@@ -27,6 +27,9 @@ class JobOut(BaseModel):
     progress: dict[str, Any] | None
     result: dict[str, Any] | None = Field(description="The kind's result schema, e.g. EmbedResult.")
     error: JobErrorOut | None
+    metrics: dict[str, Any] | None = Field(
+        description="How the job ran: batch_size (jobs that shared its forward pass), run_ms."
+    )
     attempts: int
     max_attempts: int
     cancel_requested: bool
@@ -51,6 +54,7 @@ class JobOut(BaseModel):
             progress=job.progress,
             result=job.result,
             error=error,
+            metrics=job.metrics,
             attempts=job.attempts,
             max_attempts=job.max_attempts,
             cancel_requested=job.cancel_requested,

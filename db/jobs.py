@@ -33,6 +33,7 @@ class Outcome:
     result: dict[str, Any] | None = None
     error_type: str | None = None
     error_message: str | None = None
+    metrics: dict[str, Any] | None = None
 
 
 def create_job(
@@ -234,6 +235,7 @@ def finish_jobs(session: Session, outcomes: Sequence[Outcome]) -> set[uuid.UUID]
                 result=o.result,
                 error_type=o.error_type,
                 error_message=o.error_message,
+                metrics=o.metrics,
                 finished_at=now,
                 updated_at=now,
                 lease_expires_at=None,
@@ -261,6 +263,28 @@ def cancel_job(session: Session, job_id: uuid.UUID) -> Job | None:
         .execution_options(synchronize_session=False)
     )
     return get_job(session, job_id)
+
+
+def fail_held_job(session: Session, job_id: uuid.UUID, *, worker: str, error_type: str, message: str) -> bool:
+    """Fail a running job held by `worker` whose process is gone (the claim token died with it).
+
+    Used by the worker's parent process when Celery kills a child at the hard time limit.
+    """
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker == worker)
+        .values(
+            status=JobStatus.FAILED,
+            error_type=error_type,
+            error_message=message,
+            finished_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
 def reap_expired_leases(session: Session) -> tuple[list[uuid.UUID], list[uuid.UUID]]:

@@ -86,6 +86,8 @@ class Job(Base):
     error_type: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
     progress: Mapped[dict[str, Any] | None]
+    # How the final attempt ran: batch_size (jobs sharing its forward pass), run_ms.
+    metrics: Mapped[dict[str, Any] | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
     worker: Mapped[str | None] = mapped_column(String(255))

@@ -26,7 +26,7 @@ from tasks import minilm
 if TYPE_CHECKING:
     import torch
 
-# A model name as users write it in `output_model` and in references: no dots or slashes, so a name
+# A model name as users write it in `model_name` and in references: no dots or slashes, so a name
 # can never step outside the directory it is joined to.
 MODEL_NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
 

@@ -34,7 +34,7 @@ class ClassifyParams(BaseModel):
 
 class Prediction(BaseModel):
     label: str
-    probabilities: dict[str, float] = Field(description="Every label's probability; they sum to 1.")
+    scores: dict[str, float] = Field(description="Every label's probability; they sum to 1.")
 
 
 class ClassifyResult(BaseModel):
@@ -73,7 +73,7 @@ def run_batch(batch: list[ClassifyParams], ctx: JobContext) -> list[ClassifyResu
             results[i] = ClassifyResult(
                 model=model.name,
                 version=model.version,
-                predictions=[Prediction(label=lb, probabilities=pr) for lb, pr in predictions[start:end]],
+                predictions=[Prediction(label=lb, scores=pr) for lb, pr in predictions[start:end]],
             )
             start = end
     return [results[i] for i in range(len(batch))]

@@ -35,9 +35,13 @@ class JobKind(Generic[P, R]):
     run_batch: Callable[[list[P], JobContext], list[R]] | None = None
     # A job's share of a batch (texts for text kinds); batches are bounded by the sum of these.
     batch_cost: Callable[[P], int] = lambda params: 1
-    # Training kinds whose result carries `model: {name, artifact_dir, labels, metrics}`: the worker
-    # registers that directory as the model's next version when it commits the job.
+    # Training kinds whose result carries `model` (a name), `artifact_dir`, `labels` and `metrics`:
+    # the worker registers that directory as the model's next version when it commits the job.
     registers_model: bool = False
+    # Celery time limits in seconds: at the soft one the job fails with Timeout; at the hard one
+    # the pool child is killed and the job is failed by the parent. Settings may override them.
+    soft_time_limit: float | None = 300
+    time_limit: float | None = 360
 
     @property
     def task_name(self) -> str:

@@ -75,7 +75,7 @@ class TrainParams(BaseModel):
     )
     validation_split: float = Field(default=0.2, ge=0.0, le=0.5, allow_inf_nan=False)
     seed: int = Field(default=0, ge=0, le=2**32 - 1, strict=True)
-    output_model: ModelName = Field(description="Name to register the trained model under.")
+    model_name: ModelName = Field(description="Name to register the trained model under.")
 
     @model_validator(mode="after")
     def _one_source(self) -> TrainParams:
@@ -90,15 +90,16 @@ class ModelMetrics(BaseModel):
     train_loss: float = Field(description="Mean training loss over the last epoch.")
 
 
-class TrainedModel(BaseModel):
-    name: str
-    artifact_dir: str = Field(description="Absolute path of the saved classifier directory.")
-    labels: list[str]
-    metrics: ModelMetrics
-
-
 class TrainResult(BaseModel):
-    model: TrainedModel
+    """`model`, `labels`, `metrics` and `artifact_dir` are what the worker registers; it then
+    replaces `artifact_dir` (a server path) with `artifact` (its place in the store) and adds `version`."""
+
+    model: str = Field(description="The registered model's name.")
+    version: int | None = Field(default=None, description="Set when the worker registers the version.")
+    metrics: ModelMetrics
+    labels: list[str]
+    artifact_dir: str | None = Field(default=None, description="Absolute path of the saved classifier.")
+    artifact: str | None = Field(default=None, description="The version's place in the artifact store.")
     epochs: int
     steps: int
     resumed_from_step: int | None = None
@@ -392,15 +393,13 @@ class Trainer:
         artifact_dir = clf.save_classifier(self.model, out)
         last = self.progress.last_epoch
         return TrainResult(
-            model=TrainedModel(
-                name=self.params.output_model,
-                artifact_dir=str(artifact_dir),
-                labels=self.labels,
-                metrics=ModelMetrics(
-                    val_accuracy=last["val_accuracy"],
-                    val_f1=last["val_f1"],
-                    train_loss=float(last["train_loss"] or 0.0),
-                ),
+            model=self.params.model_name,
+            artifact_dir=str(artifact_dir),
+            labels=self.labels,
+            metrics=ModelMetrics(
+                val_accuracy=last["val_accuracy"],
+                val_f1=last["val_f1"],
+                train_loss=float(last["train_loss"] or 0.0),
             ),
             epochs=self.params.epochs,
             steps=self.progress.global_step,
@@ -434,6 +433,8 @@ KIND = JobKind(
     run=run,
     category="training",
     registers_model=True,
+    soft_time_limit=24 * 3600,
+    time_limit=24 * 3600 + 600,
     description="Fine-tune all-MiniLM-L6-v2 with a linear head on {text, label} rows; checkpoints and resumes.",
-    model_of=lambda params: params.output_model,
+    model_of=lambda params: params.model_name,
 )

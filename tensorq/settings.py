@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     batch_max_texts: int = Field(default=64, ge=1, le=4096)
     batch_max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
 
+    # Per-kind (soft, hard) time limits in seconds overriding the kinds' own, e.g.
+    # TENSORQ_TIME_LIMITS='{"train-text-classifier": [3600, 3900]}'.
+    time_limits: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
     log_level: str = "INFO"
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from functools import lru_cache
 from typing import Any
 
@@ -12,8 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from celery import Celery, Task
-from celery.signals import worker_init, worker_process_init
+from celery.exceptions import TimeLimitExceeded
+from celery.signals import task_failure, worker_init, worker_process_init, worker_ready
 
+from db.jobs import fail_held_job
+from db.session import session_scope
 from tasks.registry import JobKind, all_kinds
 from tensorq.broker import make_celery
 from tensorq.settings import get_settings
@@ -34,7 +38,9 @@ def get_runner() -> Runner:
 
 
 def _register(kind: JobKind[Any, Any]) -> None:
-    @app.task(name=kind.task_name, bind=True)
+    soft, hard = get_settings().time_limits.get(kind.name, (kind.soft_time_limit, kind.time_limit))
+
+    @app.task(name=kind.task_name, bind=True, soft_time_limit=soft, time_limit=hard)
     def run_job(self: Task, job_id: str) -> str | None:
         status = get_runner().run(kind.name, job_id, worker_name=self.request.hostname or "unknown")
         return status.value if status else None
@@ -66,3 +72,30 @@ def _prepare_inline_pool(sender: Any = None, **_: Any) -> None:
     # solo/threads pools run jobs in the main process and never send worker_process_init.
     if get_settings().worker_pool in ("solo", "threads"):
         _prepare_process()
+
+
+_node: dict[str, str] = {}
+
+
+@worker_ready.connect
+def _remember_node(sender: Any = None, **_: Any) -> None:
+    _node["name"] = sender.hostname
+
+
+@task_failure.connect
+def _fail_on_hard_time_limit(
+    sender: Any = None, exception: BaseException | None = None, args: Any = None, **_: Any
+) -> None:
+    """Celery killed the pool child at the hard limit: its claim token died with it, so the parent
+    fails the job it held (and only if this node still holds it)."""
+    if not isinstance(exception, TimeLimitExceeded) or not args or "name" not in _node:
+        return
+    job_id = uuid.UUID(str(args[0]))
+    with session_scope(get_settings().sqlalchemy_url) as session:
+        failed = fail_held_job(
+            session, job_id, worker=_node["name"], error_type="Timeout",
+            message=f"hard time limit exceeded ({exception}); the job's process was killed",
+        )  # fmt: skip
+    if failed:
+        log.error("job %s: hard time limit exceeded, failed", job_id)
+        get_runner().events.changed([job_id])

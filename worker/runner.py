@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
 from db import registry
@@ -94,6 +95,11 @@ class RecentlyFinished:
         return job_id in self._ids
 
 
+def run_metrics(batch_size: int, started: float) -> dict[str, Any]:
+    """Recorded on the job: how many jobs shared its forward pass, and how long that took."""
+    return {"batch_size": batch_size, "run_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+
 def torch_device(recorded_device: str) -> str:
     """The device inside a pinned process: CUDA_VISIBLE_DEVICES leaves it one GPU, always cuda:0."""
     return "cuda:0" if recorded_device.startswith("cuda") else "cpu"
@@ -128,6 +134,8 @@ def failed(job: Job, error_type: str, message: str) -> Outcome:
 
 def outcome_of_error(job: Job, exc: Exception) -> Outcome:
     assert job.claim_token is not None
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return failed(job, "Timeout", "soft time limit exceeded")
     if isinstance(exc, JobCancelled):
         return Outcome(job.id, job.claim_token, JobStatus.CANCELLED)
     if isinstance(exc, JobError):
@@ -180,8 +188,8 @@ class Runner:
         try:
             outcomes = self.execute_batch(kind, jobs) if len(jobs) > 1 else [self.execute(kind, jobs[0])]
             outcomes, written = with_retries(lambda: self.commit(kind, outcomes), what=f"finish job {jid}")
-            self.events.changed(written)
             self.clean_work_dirs([o for o in outcomes if o.job_id in written])
+            self.events.changed(written)
         finally:
             for job in jobs:
                 self.leases.release(job.id)
@@ -242,12 +250,14 @@ class Runner:
             load_dataset=self.load_dataset,
             resolve_model=self.resolve_model,
         )
+        started = time.perf_counter()
         try:
             result = kind.run_json(job.params, ctx)
             progress.flush()
-            return Outcome(jid, token, JobStatus.SUCCEEDED, result=result)
+            outcome = Outcome(jid, token, JobStatus.SUCCEEDED, result=result)
         except Exception as exc:
-            return outcome_of_error(job, exc)
+            outcome = outcome_of_error(job, exc)
+        return dataclasses.replace(outcome, metrics=run_metrics(1, started))
 
     def cancel_check(self, jid: uuid.UUID, every: float = 0.5) -> Callable[[], bool]:
         """A cheap check a kind may call every step: the database is asked at most every `every` s."""
@@ -311,10 +321,8 @@ class Runner:
             work_dir = self.store.job_dir(outcome.job_id)
             if not work_dir.exists():
                 continue
-            keep = None
-            model = (outcome.result or {}).get("model")
-            if isinstance(model, dict) and isinstance(model.get("artifact"), str):
-                keep = self.store.path(model["artifact"])
+            artifact = (outcome.result or {}).get("artifact")
+            keep = self.store.path(artifact) if isinstance(artifact, str) else None
             for entry in work_dir.iterdir():
                 if keep is None or not keep.is_relative_to(entry):
                     shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(
@@ -327,14 +335,15 @@ class Runner:
         """Register a training job's output as the next version of its model, in the job's transaction."""
         if outcome.status != JobStatus.SUCCEEDED or outcome.result is None:
             return outcome
-        trained = dict(outcome.result["model"])
-        artifact = self.store.relative(Path(trained.pop("artifact_dir")))
+        result = dict(outcome.result)
+        artifact = self.store.relative(Path(result.pop("artifact_dir")))
         version = registry.register_version(
-            session, name=trained["name"], artifact_path=artifact, labels=trained["labels"],
-            metrics=trained["metrics"], job_id=outcome.job_id,
+            session, name=result["model"], artifact_path=artifact, labels=result["labels"],
+            metrics=result["metrics"], job_id=outcome.job_id,
         )  # fmt: skip
-        result = {**outcome.result, "model": {**trained, "version": version.version, "artifact": artifact}}
-        return dataclasses.replace(outcome, result=result)
+        return dataclasses.replace(
+            outcome, result={**result, "version": version.version, "artifact": artifact}
+        )
 
     def execute_batch(self, kind: JobKind[Any, Any], jobs: list[Job]) -> list[Outcome]:
         assert kind.run_batch is not None
@@ -347,11 +356,12 @@ class Runner:
                 outcomes.append(outcome_of_error(job, exc))
         ctx = self.context()
         for chunk in chunks_by_cost(valid, kind, self.settings.batch_max_texts):
+            started = time.perf_counter()
             try:
                 results = kind.run_batch([params for _, params in chunk], ctx)
             except Exception as exc:
-                if len(chunk) == 1:
-                    outcomes.append(outcome_of_error(chunk[0][0], exc))
+                if len(chunk) == 1 or isinstance(exc, SoftTimeLimitExceeded):
+                    outcomes += [outcome_of_error(job, exc) for job, _ in chunk]
                     continue
                 # One bad job must not fail its neighbours: find it by running them one by one.
                 log.warning(
@@ -359,11 +369,16 @@ class Runner:
                 )
                 outcomes += [self.execute(kind, job) for job, _ in chunk]
                 continue
+            metrics = run_metrics(len(chunk), started)
             for (job, _), result in zip(chunk, results, strict=True):
                 assert job.claim_token is not None
                 outcomes.append(
                     Outcome(
-                        job.id, job.claim_token, JobStatus.SUCCEEDED, result=result.model_dump(mode="json")
+                        job.id,
+                        job.claim_token,
+                        JobStatus.SUCCEEDED,
+                        result=result.model_dump(mode="json"),
+                        metrics=metrics,
                     )
                 )
         return outcomes

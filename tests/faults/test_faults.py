@@ -38,7 +38,7 @@ def submit_embeds(client: httpx.Client, n: int, tag: str) -> list[str]:
 
 def submit_training(client: httpx.Client, name: str) -> str:
     body = {"kind": "train-text-classifier", "input": {
-        "data": ROWS, "epochs": 3, "batch_size": 16, "max_seq_length": 24, "output_model": name, "seed": 3}}  # fmt: skip
+        "data": ROWS, "epochs": 3, "batch_size": 16, "max_seq_length": 24, "model_name": name, "seed": 3}}  # fmt: skip
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 202, r.text
     job_id: str = r.json()["id"]

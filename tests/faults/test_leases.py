@@ -28,7 +28,7 @@ ROWS = [json.loads(line) for line in sample_dataset_path().read_text().splitline
 
 def training_body(name: str, epochs: int) -> dict[str, object]:
     return {"kind": "train-text-classifier", "input": {
-        "data": ROWS, "epochs": epochs, "batch_size": 16, "max_seq_length": 24, "output_model": name}}  # fmt: skip
+        "data": ROWS, "epochs": epochs, "batch_size": 16, "max_seq_length": 24, "model_name": name}}  # fmt: skip
 
 
 def test_job_longer_than_the_visibility_timeout_runs_once(redis_server: RedisServer, tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import uuid
 
 import httpx
@@ -16,6 +18,7 @@ from tensorq.broker import Publisher
 from tensorq.settings import Settings
 from tests.conftest import Service
 from tests.helpers import wait_job
+from worker.model_cache import ModelCache
 
 pytestmark = pytest.mark.integration
 
@@ -24,21 +27,28 @@ def test_queued_jobs_share_a_forward_pass_and_each_gets_its_own_result(
     client: httpx.Client, service: Service
 ) -> None:
     texts = [f"sentence number {i} about {'cats' if i % 2 else 'finance'}" for i in range(40)]
-    r = client.post(
-        "/v1/jobs:batch", json={"jobs": [{"kind": "embed", "input": {"texts": [t]}} for t in texts]}
-    )
-    assert r.status_code == 202, r.text
+    # Pause the worker so all 40 jobs are waiting when it wakes up.
+    os.killpg(service.worker.popen.pid, signal.SIGSTOP)
+    try:
+        body = {"jobs": [{"kind": "embed", "input": {"texts": [t]}} for t in texts]}
+        r = client.post("/v1/jobs:batch", json=body)
+        assert r.status_code == 202, r.text
+    finally:
+        os.killpg(service.worker.popen.pid, signal.SIGCONT)
     ids = r.json()["ids"]
     jobs = [wait_job(client, i) for i in ids]
     assert all(j["status"] == "succeeded" for j in jobs)
-    # One transaction per batch: jobs of a batch share finished_at; 40 jobs took fewer batches.
-    batches = {j["finished_at"] for j in jobs}
-    assert len(batches) < 40
-    local = run(EmbedParams(texts=texts), JobContext()).embeddings
-    for job, expected in zip(jobs, local, strict=True):
+    # Each job records how many jobs shared its forward pass; 1/batch_size summed is the pass count.
+    passes = sum(1 / j["metrics"]["batch_size"] for j in jobs)
+    assert round(passes) < len(jobs) / 2, [j["metrics"] for j in jobs]
+    # One transaction per batch: jobs of a batch share finished_at.
+    assert len({j["finished_at"] for j in jobs}) == round(passes)
+    ctx = JobContext(models=ModelCache(budget_bytes=2**32))  # load the model once for all 40
+    for job, text in zip(jobs, texts, strict=True):
+        alone = run(EmbedParams(texts=[text]), ctx).embeddings[0]
         assert len(job["result"]["embeddings"]) == 1
         cos = torch.nn.functional.cosine_similarity(
-            torch.tensor(job["result"]["embeddings"][0]), torch.tensor(expected), dim=0
+            torch.tensor(job["result"]["embeddings"][0]), torch.tensor(alone), dim=0
         )
         assert float(cos) > 0.999
 

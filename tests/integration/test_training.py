@@ -65,7 +65,7 @@ def test_train_register_alias_and_classify(client: httpx.Client, service: Servic
     ds = upload(client, SAMPLE).json()
     job = submit_training(
         client, dataset_id=ds["id"], epochs=3, batch_size=16, max_seq_length=32, learning_rate=1e-4,
-        validation_split=0.2, seed=1, output_model="sentiment",
+        validation_split=0.2, seed=1, model_name="sentiment",
     )  # fmt: skip
     assert job["model"] == "sentiment"
 
@@ -77,16 +77,20 @@ def test_train_register_alias_and_classify(client: httpx.Client, service: Servic
     assert job["status"] == "succeeded", job
     assert progress_seen and {"epoch", "step", "total_steps", "loss"} <= set(progress_seen[-1])
     assert any("val_accuracy" in p for p in progress_seen)
-    model = job["result"]["model"]
-    assert model["version"] == 1 and model["metrics"]["val_accuracy"] > 0.7
-    assert "artifact_dir" not in model  # server paths stay on the server
+    result = job["result"]
+    assert (result["model"], result["version"]) == ("sentiment", 1)
+    # The shipped data is balanced (majority-class baseline 0.5): the model must clearly beat it.
+    assert result["metrics"]["val_accuracy"] > 0.75
+    assert "artifact_dir" not in result  # server paths stay on the server
 
     registered = client.get("/v1/models/sentiment").json()
     assert registered["latest_version"] == 1 and registered["versions"][0]["job_id"] == job["id"]
     artifact = Path(service.env["TENSORQ_ARTIFACT_DIR"]) / registered["versions"][0]["artifact"]
     assert any(p.suffix == ".safetensors" for p in artifact.iterdir())
     # The ~270 MB checkpoint is gone once the version is registered; only the model stays.
-    assert [p.name for p in artifact.parent.iterdir()] == [artifact.name]
+    wait_until(
+        lambda: [p.name for p in artifact.parent.iterdir()] == [artifact.name], timeout=30, what="cleanup"
+    )
     assert "sentiment" in [m["name"] for m in client.get("/v1/models").json()["items"]]
 
     r = client.put("/v1/models/sentiment/aliases/production", json={"version": 1})
@@ -101,7 +105,7 @@ def test_train_register_alias_and_classify(client: httpx.Client, service: Servic
         assert done["status"] == "succeeded", done
         preds = done["result"]["predictions"]
         assert [p["label"] for p in preds] == ["positive", "negative"]
-        assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
+        assert all(abs(sum(p["scores"].values()) - 1) < 1e-4 for p in preds)
         assert done["result"]["version"] == 1
     assert service.worker.log().count("loaded model classifier:sentiment:1@cpu") == 1
 
@@ -118,18 +122,18 @@ def test_unsafe_model_names_are_refused(client: httpx.Client, name: str) -> None
         "/v1/jobs",
         json={
             "kind": "train-text-classifier",
-            "input": {"data": [{"text": "a", "label": "x"}] * 2, "output_model": name},
+            "input": {"data": [{"text": "a", "label": "x"}] * 2, "model_name": name},
         },
     )
     assert r.status_code == 422
-    assert ["body", "input", "output_model"] in [e["loc"] for e in r.json()["detail"]]
+    assert ["body", "input", "model_name"] in [e["loc"] for e in r.json()["detail"]]
     assert client.get(f"/v1/models/{name or 'x y'}").status_code in (404, 422)
 
 
 def test_cancel_a_running_training_job_frees_the_worker(client: httpx.Client) -> None:
     ds = upload(client, SAMPLE).json()
     job = submit_training(
-        client, dataset_id=ds["id"], epochs=50, batch_size=8, max_seq_length=32, output_model="long"
+        client, dataset_id=ds["id"], epochs=50, batch_size=8, max_seq_length=32, model_name="long"
     )
     job = wait_until(
         lambda: (j := client.get(f"/v1/jobs/{job['id']}", params={"wait": 5}).json())["progress"] and j,
@@ -167,7 +171,7 @@ def test_training_resumes_from_checkpoint_after_sigkill(redis_url: str, tmp_path
                 epochs=4,
                 batch_size=16,
                 max_seq_length=32,
-                output_model="resumed",
+                model_name="resumed",
             )
             # Wait until at least one epoch (and so one checkpoint) is done, then SIGKILL the worker.
             wait_until(
@@ -194,8 +198,8 @@ def test_training_resumes_from_checkpoint_after_sigkill(redis_url: str, tmp_path
 def test_inline_training_data(client: httpx.Client) -> None:
     rows = [json.loads(line) for line in SAMPLE.splitlines()[:40]]
     job = submit_training(
-        client, data=rows, epochs=1, max_seq_length=16, validation_split=0.0, output_model="inline"
+        client, data=rows, epochs=1, max_seq_length=16, validation_split=0.0, model_name="inline"
     )
     done = wait_job(client, job["id"], timeout=180)
     assert done["status"] == "succeeded", done
-    assert done["result"]["model"]["version"] >= 1
+    assert done["result"]["version"] >= 1

@@ -141,9 +141,9 @@ def test_batch_submission_returns_ids_in_order(api: TestClient) -> None:
         b'{"kind": "embed", "input": {"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}",
         b'{"kind": "embed", "input": {"texts": ["\xff\xfe bad utf-8"]}}',
         b'{"kind": "train-text-classifier", "input": {"data": [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}],'
-        b' "output_model": "m", "learning_rate": NaN}}',
+        b' "model_name": "m", "learning_rate": NaN}}',
         b'{"kind": "train-text-classifier", "input": {"data": [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}],'
-        b' "output_model": "m", "validation_split": Infinity}}',
+        b' "model_name": "m", "validation_split": Infinity}}',
         b'{"kind": "embed", "input": {"texts": ["a"]}, "extra": -Infinity}',
         b"\x00\x01\x02",
     ],

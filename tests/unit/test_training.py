@@ -42,7 +42,7 @@ SETTINGS: dict[str, Any] = {
     "max_seq_length": 32,
     "validation_split": 0.25,
     "seed": 0,
-    "output_model": "sentiment",
+    "model_name": "sentiment",
 }
 STEPS_PER_EPOCH = 6
 
@@ -95,7 +95,7 @@ def test_shipped_dataset_is_balanced_english_reviews() -> None:
 
 
 def test_defaults_fill_in_everything_but_the_data_and_the_name() -> None:
-    p = TrainParams.model_validate({"dataset_id": "reviews-2024", "output_model": "sentiment"})
+    p = TrainParams.model_validate({"dataset_id": "reviews-2024", "model_name": "sentiment"})
     assert (p.epochs, p.batch_size, p.max_seq_length, p.validation_split, p.seed) == (3, 16, 64, 0.2, 0)
     assert 1e-6 <= p.learning_rate <= 1e-2
 
@@ -104,14 +104,14 @@ def test_defaults_fill_in_everything_but_the_data_and_the_name() -> None:
     "name",
     ["../x", "/abs", "a/b", "%2e%2e", "..", ".", ".hidden", "Upper", "", "x" * 64, "a b", "a.b", "name\n"],
 )
-def test_output_model_names_cannot_reach_outside_a_directory(name: str) -> None:
-    with pytest.raises(ValidationError, match="output_model"):
-        TrainParams.model_validate(params(output_model=name))
+def test_model_name_names_cannot_reach_outside_a_directory(name: str) -> None:
+    with pytest.raises(ValidationError, match="model_name"):
+        TrainParams.model_validate(params(model_name=name))
 
 
 @pytest.mark.parametrize("name", ["a", "sentiment", "my-model_2", "0" * 63])
 def test_plain_model_names_are_accepted(name: str) -> None:
-    assert TrainParams.model_validate(params(output_model=name)).output_model == name
+    assert TrainParams.model_validate(params(model_name=name)).model_name == name
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,7 @@ def test_exactly_one_of_dataset_id_and_data() -> None:
 @pytest.mark.parametrize("dataset_id", ["../x", "a/b", "", " x"])
 def test_dataset_ids_are_plain_tokens(dataset_id: str) -> None:
     with pytest.raises(ValidationError, match="dataset_id"):
-        TrainParams.model_validate({"dataset_id": dataset_id, "output_model": "m"})
+        TrainParams.model_validate({"dataset_id": dataset_id, "model_name": "m"})
 
 
 @pytest.mark.parametrize(
@@ -199,7 +199,7 @@ def test_a_single_label_is_an_invalid_dataset() -> None:
 def test_stored_rows_are_checked_like_inline_ones() -> None:
     ctx = JobContext(load_dataset=lambda dataset_id: [{"text": "fine", "label": "a"}, {"text": 3}])
     with pytest.raises(JobError) as err:
-        train(TrainParams(dataset_id="d1", output_model="m"), ctx)
+        train(TrainParams(dataset_id="d1", model_name="m"), ctx)
     assert err.value.error_type == "InvalidDataset" and "row 1" in err.value.message
 
 
@@ -215,7 +215,7 @@ def test_training_learns_and_reports_progress(trained: Trained) -> None:
     result = trained.result
     assert result.steps == 2 * STEPS_PER_EPOCH and result.epochs == 2 and result.resumed_from_step is None
     assert (result.train_examples, result.val_examples) == (44, 16)  # 8 of each label's 30 rows held out
-    metrics = result.model.metrics
+    metrics = result.metrics
     assert metrics.val_accuracy is not None and metrics.val_accuracy >= 0.75
     assert metrics.val_f1 is not None and metrics.val_f1 >= 0.7
 
@@ -229,11 +229,11 @@ def test_training_learns_and_reports_progress(trained: Trained) -> None:
 
 
 def test_the_result_names_a_saved_classifier(trained: Trained) -> None:
-    data = trained.result.model_dump(mode="json")
-    model = data["model"]
-    assert set(model) == {"name", "artifact_dir", "labels", "metrics"}
+    model = trained.result.model_dump(mode="json")
+    assert {"model", "artifact_dir", "labels", "metrics", "version"} <= set(model)
     assert set(model["metrics"]) == {"val_accuracy", "val_f1", "train_loss"}
-    assert model["name"] == "sentiment" and model["labels"] == ["negative", "positive"]
+    assert model["model"] == "sentiment" and model["labels"] == ["negative", "positive"]
+    assert model["version"] is None  # the worker sets it when it registers the version
     artifact = Path(model["artifact_dir"])
     assert artifact.is_absolute() and artifact == trained.work_dir / "model"
     assert {"classifier.json", "model.safetensors", "config.json", "tokenizer.json"} <= {
@@ -286,9 +286,9 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_the_same(
     assert resumed.after[0]["step"] == STEPS_PER_EPOCH and resumed.after[0]["epoch"] == 2
     assert all(r["resumed_from_step"] == STEPS_PER_EPOCH for r in resumed.after)
     assert result.steps == 2 * STEPS_PER_EPOCH
-    assert Path(result.model.artifact_dir) == resumed.work_dir / "model"
+    assert Path(result.artifact_dir) == resumed.work_dir / "model"
     # An epoch boundary holds everything: the resumed run is the uninterrupted one, number for number.
-    assert result.model.metrics == trained.result.model.metrics
+    assert result.metrics == trained.result.metrics
 
 
 def test_a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint(
@@ -306,7 +306,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint(
     result = train(p, JobContext(work_dir=tmp_path))
     assert result.resumed_from_step == 3 and result.steps == 2 * STEPS_PER_EPOCH
     # The epoch's order, the dropout stream and the running loss all came back with it.
-    assert result.model.metrics == trained.result.model.metrics
+    assert result.metrics == trained.result.metrics
 
 
 def test_a_checkpoint_of_other_data_or_settings_is_ignored(tmp_path: Path) -> None:
@@ -333,10 +333,10 @@ def test_without_a_validation_split_there_are_no_validation_metrics() -> None:
     result = train(p, JobContext())  # no work_dir: no checkpoints, the model goes to a temp dir
     try:
         assert (result.train_examples, result.val_examples, result.steps) == (4, 0, 1)
-        assert result.model.metrics.val_accuracy is None and result.model.metrics.val_f1 is None
-        assert clf.read_config(Path(result.model.artifact_dir)).labels == ["neg", "pos"]
+        assert result.metrics.val_accuracy is None and result.metrics.val_f1 is None
+        assert clf.read_config(Path(result.artifact_dir)).labels == ["neg", "pos"]
     finally:
-        shutil.rmtree(result.model.artifact_dir)
+        shutil.rmtree(result.artifact_dir)
 
 
 # --- classify ---------------------------------------------------------------------------------
@@ -356,7 +356,7 @@ class CountingCache:
 
 
 def test_classify_labels_texts_with_the_trained_model(trained: Trained) -> None:
-    artifact = Path(trained.result.model.artifact_dir)
+    artifact = Path(trained.result.artifact_dir)
     cache = CountingCache()
     asked: list[str] = []
 
@@ -374,9 +374,9 @@ def test_classify_labels_texts_with_the_trained_model(trained: Trained) -> None:
     assert (result.model, result.version, asked) == ("sentiment", 3, ["sentiment@production"])
     assert len(result.predictions) == 3
     for prediction in result.predictions:
-        assert set(prediction.probabilities) == {"negative", "positive"}
-        assert math.isclose(sum(prediction.probabilities.values()), 1.0, abs_tol=1e-5)
-        assert prediction.label == max(prediction.probabilities, key=prediction.probabilities.__getitem__)
+        assert set(prediction.scores) == {"negative", "positive"}
+        assert math.isclose(sum(prediction.scores.values()), 1.0, abs_tol=1e-5)
+        assert prediction.label == max(prediction.scores, key=prediction.scores.__getitem__)
     assert [p.label for p in result.predictions] == ["positive", "negative", "positive"]
 
     classify(ClassifyParams(model="sentiment@production", texts=texts[:1]), ctx)
@@ -385,7 +385,7 @@ def test_classify_labels_texts_with_the_trained_model(trained: Trained) -> None:
 
 
 def test_a_batch_of_classify_jobs_resolves_each_reference_once(trained: Trained) -> None:
-    artifact = Path(trained.result.model.artifact_dir)
+    artifact = Path(trained.result.artifact_dir)
     asked: list[str] = []
 
     def resolve(ref: str) -> ResolvedModel:
