@@ -183,7 +183,8 @@ def claim_jobs(
         .where(or_(*conditions))
         .values(**_claim_values(now, worker, device, lease_seconds))
         .returning(Job)
-        .execution_options(synchronize_session=False)
+        # populate_existing: a Job already in this session's identity map gets the claimed values.
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
     jobs = list(session.scalars(stmt))
     jobs.sort(key=lambda j: (j.id != job_id, j.created_at))
@@ -221,7 +222,10 @@ def update_progress(
 
 
 def finish_jobs(session: Session, outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
-    """Write final states in the caller's transaction; returns the ids that were still held."""
+    """Write final states in the caller's transaction; returns the ids that were still held.
+
+    error_type/error_message are always overwritten, so a transient error from an earlier attempt
+    does not linger on a job that then succeeds."""
     now = utcnow()
     written: set[uuid.UUID] = set()
     for o in outcomes:
@@ -245,6 +249,48 @@ def finish_jobs(session: Session, outcomes: Sequence[Outcome]) -> set[uuid.UUID]
         if res.rowcount:  # type: ignore[attr-defined]
             written.add(o.job_id)
     return written
+
+
+def release_job(
+    session: Session, job_id: uuid.UUID, claim_token: uuid.UUID, *, error_type: str, message: str
+) -> bool:
+    """Give a claimed job back to the queue after a transient failure (its attempt still counts).
+
+    The caller publishes it again with a backoff delay; published_at is set so the sweeper does
+    not republish it before that. Out of attempts, the job fails instead.
+    """
+    now = utcnow()
+    held = and_(Job.id == job_id, Job.claim_token == claim_token, Job.status == JobStatus.RUNNING)
+    res = session.execute(
+        update(Job)
+        .where(held, Job.attempts < Job.max_attempts)
+        .values(
+            status=JobStatus.QUEUED,
+            claim_token=None,
+            lease_expires_at=None,
+            published_at=now,
+            error_type=error_type,
+            error_message=message,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount:  # type: ignore[attr-defined]
+        return True
+    session.execute(
+        update(Job)
+        .where(held)
+        .values(
+            status=JobStatus.FAILED,
+            error_type=error_type,
+            finished_at=now,
+            updated_at=now,
+            error_message=f"{message} (transient, but no attempts are left)",
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return False
 
 
 def cancel_job(session: Session, job_id: uuid.UUID) -> Job | None:

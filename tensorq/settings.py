@@ -52,7 +52,7 @@ class Settings(BaseSettings):
 
     # Per-kind (soft, hard) time limits in seconds overriding the kinds' own, e.g.
     # TENSORQ_TIME_LIMITS='{"train-text-classifier": [3600, 3900]}'.
-    time_limits: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    time_limits: dict[str, tuple[float | None, float | None]] = Field(default_factory=dict)
 
     log_level: str = "INFO"
 

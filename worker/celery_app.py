@@ -17,8 +17,9 @@ from celery.exceptions import TimeLimitExceeded
 from celery.signals import task_failure, worker_init, worker_process_init, worker_ready
 
 from db.jobs import fail_held_job
+from db.models import Job
 from db.session import session_scope
-from tasks.registry import JobKind, all_kinds
+from tasks.registry import JobKind, all_kinds, get_kind
 from tensorq.broker import make_celery
 from tensorq.settings import get_settings
 from worker.runner import Runner
@@ -32,9 +33,14 @@ for _name in ("celery.worker.strategy", "celery.app.trace"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
+def republish(job: Job, delay: float) -> None:
+    kind = get_kind(job.kind)
+    app.send_task(kind.task_name, args=[str(job.id)], task_id=str(job.id), queue=job.queue, countdown=delay)
+
+
 @lru_cache(maxsize=1)
 def get_runner() -> Runner:
-    return Runner(get_settings())
+    return Runner(get_settings(), republish=republish)
 
 
 def _register(kind: JobKind[Any, Any]) -> None:

@@ -24,7 +24,15 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
 from db import registry
-from db.jobs import Outcome, claim_jobs, finish_jobs, is_cancel_requested, update_progress
+from db.jobs import (
+    Outcome,
+    claim_jobs,
+    finish_jobs,
+    get_job,
+    is_cancel_requested,
+    release_job,
+    update_progress,
+)
 from db.models import Job, JobStatus
 from db.session import session_scope
 from tasks.context import JobCancelled, JobContext, JobError, ResolvedModel
@@ -35,7 +43,7 @@ from tensorq.events import EventPublisher
 from tensorq.settings import Settings
 from worker.leases import LeaseKeeper
 from worker.model_cache import ModelCache
-from worker.retry import with_retries
+from worker.retry import backoff_delay, is_transient, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +144,12 @@ def outcome_of_error(job: Job, exc: Exception) -> Outcome:
     assert job.claim_token is not None
     if isinstance(exc, SoftTimeLimitExceeded):
         return failed(job, "Timeout", "soft time limit exceeded")
+    if is_transient(exc):
+        log.warning("job %s: transient %s, will retry: %s", job.id, type(exc).__name__, exc)
+        return Outcome(
+            job.id, job.claim_token, JobStatus.QUEUED, error_type=type(exc).__name__,
+            error_message=(str(exc) or repr(exc))[:MAX_ERROR_CHARS],
+        )  # fmt: skip
     if isinstance(exc, JobCancelled):
         return Outcome(job.id, job.claim_token, JobStatus.CANCELLED)
     if isinstance(exc, JobError):
@@ -146,9 +160,14 @@ def outcome_of_error(job: Job, exc: Exception) -> Outcome:
     return failed(job, type(exc).__name__, str(exc) or repr(exc))
 
 
+Republish = Callable[[Job, float], None]
+
+
 class Runner:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, republish: Republish | None = None) -> None:
         self.settings = settings
+        # Sends a released job's message again after a delay (wired to Celery by worker/celery_app).
+        self.republish = republish
         self.database_url = settings.sqlalchemy_url
         self.device = settings.worker_device
         self.models = ModelCache(settings.model_cache_bytes)
@@ -307,13 +326,37 @@ class Runner:
     ) -> tuple[list[Outcome], set[uuid.UUID]]:
         """Final states (and model versions) in one transaction: the outcomes as written, and their ids."""
         with session_scope(self.database_url) as session:
+            released = [o for o in outcomes if o.status == JobStatus.QUEUED]
+            for o in released:
+                release_job(
+                    session,
+                    o.job_id,
+                    o.claim_token,
+                    error_type=o.error_type or "",
+                    message=o.error_message or "",
+                )
+            outcomes = [o for o in outcomes if o.status != JobStatus.QUEUED]
             if kind.registers_model:
                 outcomes = [self.register_model(session, o) for o in outcomes]
             written = finish_jobs(session, outcomes)
             if kind.registers_model and len(written) < len(outcomes):
                 session.rollback()  # no model version for a job whose claim was lost
                 return outcomes, set()
-            return outcomes, written
+        self.publish_released([o.job_id for o in released])
+        return outcomes, written
+
+    def publish_released(self, job_ids: list[uuid.UUID]) -> None:
+        """Jobs given back after a transient error go out again after an exponential, jittered delay."""
+        if not job_ids or self.republish is None:
+            return
+        with session_scope(self.database_url) as session:
+            jobs = [
+                j
+                for j in (get_job(session, i) for i in job_ids)
+                if j is not None and j.status == JobStatus.QUEUED
+            ]
+        for job in jobs:
+            self.republish(job, backoff_delay(job.attempts, base=1.0, cap=60.0))
 
     def clean_work_dirs(self, outcomes: list[Outcome]) -> None:
         """A finished job's checkpoints go; only the model a registry version points at stays."""

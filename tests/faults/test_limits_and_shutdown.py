@@ -29,11 +29,11 @@ def training(name: str, epochs: int) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("limits", "expected"),
-    [((2, 120), "soft time limit"), ((120, 3), "hard time limit")],
+    [((2, 120), "soft time limit"), ((None, 3), "hard time limit")],
     ids=["soft", "hard"],
 )
 def test_time_limits_fail_a_runaway_job_with_timeout(
-    redis_server: RedisServer, tmp_path: Path, limits: tuple[int, int], expected: str
+    redis_server: RedisServer, tmp_path: Path, limits: tuple[int | None, int], expected: str
 ) -> None:
     pg = create_database(POSTGRES_ADMIN_URL)
     env = service_env(
@@ -89,7 +89,8 @@ def test_sigterm_lets_the_worker_finish_its_job_and_the_api_drain(
         svc.api.popen.send_signal(signal.SIGTERM)
         poller.join(timeout=30)
         assert answers == [200]
-        assert svc.api.popen.wait(timeout=30) == 0
+        # uvicorn re-raises the signal after its graceful shutdown, so "killed by SIGTERM" is clean.
+        assert svc.api.popen.wait(timeout=30) in (0, -signal.SIGTERM)
     finally:
         svc.api.stop()
         svc.worker.stop()

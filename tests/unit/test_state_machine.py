@@ -20,6 +20,7 @@ from db.jobs import (
     list_jobs,
     mark_unpublished,
     reap_expired_leases,
+    release_job,
     update_progress,
 )
 from db.models import JobStatus
@@ -183,3 +184,43 @@ def test_keyset_pagination_walks_every_job_once_newest_first(session: Session) -
 def test_malformed_cursor_is_a_value_error(session: Session) -> None:
     with pytest.raises(ValueError):
         list_jobs(session, cursor="not-a-cursor")
+
+
+def test_transient_failure_releases_the_job_then_fails_when_out_of_attempts(session: Session) -> None:
+    job_id = new_job(session, max_attempts=2)
+    token = claim(session, job_id)
+    assert token is not None
+    assert release_job(session, job_id, token, error_type="OperationalError", message="connection lost")
+    session.commit()
+    job = get_job(session, job_id)
+    assert job is not None and job.status == JobStatus.QUEUED and job.claim_token is None
+    assert job.published_at is not None  # the worker republishes it with a delay, not the sweeper
+    token = claim(session, job_id)
+    assert token is not None
+    finish_jobs(session, [Outcome(job_id, token, JobStatus.SUCCEEDED, result={"ok": True})])
+    session.commit()
+    job = get_job(session, job_id)
+    assert job is not None and job.status == JobStatus.SUCCEEDED and job.error_type is None
+
+    spent = new_job(session, max_attempts=1)
+    token = claim(session, spent)
+    assert token is not None
+    assert not release_job(session, spent, token, error_type="OutOfMemoryError", message="CUDA out of memory")
+    session.commit()
+    job = get_job(session, spent)
+    assert job is not None and job.status == JobStatus.FAILED and job.error_type == "OutOfMemoryError"
+    assert "no attempts are left" in (job.error_message or "")
+
+
+def test_transient_errors_are_told_from_permanent_ones() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from worker.retry import backoff_delay, is_transient
+
+    oom = type("OutOfMemoryError", (RuntimeError,), {"__module__": "torch.cuda"})
+    assert is_transient(OperationalError("SELECT 1", {}, Exception("server closed the connection")))
+    assert is_transient(oom("CUDA out of memory"))
+    assert not is_transient(ValueError("bad input"))
+    assert not is_transient(KeyError("no such model"))
+    delays = [backoff_delay(n, base=1, cap=60) for n in range(12)]
+    assert all(0 <= d <= min(60, 2**n) for n, d in enumerate(delays))
