@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import BodyLimit, install_error_handlers
+from api.metrics import ApiMetrics
 from api.routes import datasets, health, jobs, models
 from tensorq import __version__
 from tensorq.broker import Publisher
@@ -23,7 +24,9 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings)
         app.state.publisher = publisher
-        listener = EventListener(settings.redis_url)
+        metrics = ApiMetrics(settings, publisher)
+        app.state.metrics = metrics
+        listener = EventListener(settings.redis_url, on_finished=metrics.observe_finished)
         listener.start()
         app.state.events = listener
         sweeper = Sweeper(settings, publisher) if run_sweeper else None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, utcnow
@@ -428,3 +428,9 @@ def list_jobs(
 
 def is_cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def count_jobs(session: Session) -> list[tuple[str, JobStatus, int]]:
+    """(kind, status, count) for every kind and status present, for metrics."""
+    rows = session.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status))
+    return [(kind, status, int(n)) for kind, status, n in rows]

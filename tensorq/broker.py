@@ -29,6 +29,10 @@ def queue_for(category: str, device: str = "any") -> str:
     return category if device == "any" else f"{device}.{category}"
 
 
+def all_queues() -> list[str]:
+    return [*CATEGORIES, *(queue_for(c, d) for c in CATEGORIES for d in ("gpu", "cpu"))]
+
+
 def queues_for_worker(on_gpu: bool) -> list[str]:
     own = "gpu" if on_gpu else "cpu"
     return [*CATEGORIES, *(queue_for(c, own) for c in CATEGORIES)]
@@ -94,6 +98,12 @@ class Publisher:
         with self.app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
             conn.default_channel.client.ping()
+
+    def queue_depths(self, queues: list[str]) -> dict[str, int]:
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+            client = conn.default_channel.client
+            return {queue: int(client.llen(queue)) for queue in queues}
 
     def broker_run_id(self) -> str:
         """Changes when Redis restarts; a restarted Redis without persistence has lost its queues."""

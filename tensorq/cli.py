@@ -10,7 +10,9 @@ from typing import Annotated
 
 import typer
 
+from tensorq.cli_client import register as register_client_commands
 from tensorq.logs import configure_logging
+from tensorq.retention_cli import register as register_retention
 from tensorq.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True, help="tensorq: PyTorch training and inference jobs.")
@@ -24,7 +26,7 @@ def db_upgrade(revision: str = "head") -> None:
     from db.migrate import upgrade
 
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     upgrade(settings.sqlalchemy_url, revision)
     typer.echo(f"database at {revision}")
 
@@ -38,7 +40,7 @@ def api(
     import uvicorn
 
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         "api.app:create_app",
         factory=True,
@@ -78,7 +80,7 @@ def worker(
     os.environ["TENSORQ_WORKER_DEVICE"] = plan.device
     get_settings.cache_clear()
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     from tensorq.broker import queues_for_worker
     from worker.celery_app import app as celery_app
 
@@ -142,8 +144,12 @@ def up(flower: Annotated[bool, typer.Option(help="Start Flower too")] = True) ->
     from tensorq.embedded import run_embedded
 
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     raise typer.Exit(run_embedded(settings, flower=flower))
+
+
+register_retention(app)
+register_client_commands(app)
 
 
 if __name__ == "__main__":

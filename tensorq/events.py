@@ -13,7 +13,8 @@ import json
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -29,12 +30,13 @@ class EventPublisher:
     def __init__(self, redis_url: str) -> None:
         self.client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
 
-    def changed(self, job_ids: Iterable[uuid.UUID]) -> None:
+    def changed(self, job_ids: Iterable[uuid.UUID], finished: list[dict[str, Any]] | None = None) -> None:
+        """`finished` carries {kind, status, queue_s, run_s} per finished job, for the API's metrics."""
         ids = [str(i) for i in job_ids]
         if not ids:
             return
         try:
-            self.client.publish(CHANNEL, json.dumps(ids))
+            self.client.publish(CHANNEL, json.dumps({"ids": ids, "finished": finished or []}))
         except redis.RedisError as exc:
             log.debug("job event not published: %s", exc)
 
@@ -42,8 +44,9 @@ class EventPublisher:
 class EventListener:
     """One subscription per API process, fanned out to per-job waiters."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, on_finished: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.redis_url = redis_url
+        self.on_finished = on_finished
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
 
@@ -89,9 +92,13 @@ class EventListener:
 
     def _dispatch(self, data: bytes) -> None:
         try:
-            ids = json.loads(data)
-        except ValueError:
+            message = json.loads(data)
+            ids, finished = message["ids"], message.get("finished", [])
+        except (ValueError, KeyError, TypeError):
             return
         for job_id in ids:
             for event in self._waiters.get(job_id, ()):
                 event.set()
+        if self.on_finished is not None:
+            for info in finished:
+                self.on_finished(info)

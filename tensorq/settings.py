@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     # Worker
     worker_device: str = "cpu"  # set by `tensorq worker` for each process it starts
     worker_pool: str = "prefork"
+    # Prometheus endpoint of each worker process: this port on CPU, port + 1 + i on GPU i; 0 = off.
+    worker_metrics_port: int = Field(default=9101, ge=0, le=65535)
     torch_threads: int | None = None
     model_cache_bytes: int = Field(default=4 * 1024**3, ge=0)
     # Dynamic micro-batching of inference jobs (see worker/batching.py).
@@ -54,7 +56,12 @@ class Settings(BaseSettings):
     # TENSORQ_TIME_LIMITS='{"train-text-classifier": [3600, 3900]}'.
     time_limits: dict[str, tuple[float | None, float | None]] = Field(default_factory=dict)
 
+    # `tensorq prune` default age for finished jobs' results and artifacts.
+    retention_days: int = Field(default=30, ge=1)
+
     log_level: str = "INFO"
+    # "json", "text", or "auto": JSON lines unless stderr is a terminal.
+    log_format: str = Field(default="auto", pattern="^(auto|json|text)$")
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -26,9 +26,11 @@ def sweep_once(settings: Settings, publisher: Publisher, republish_all: bool = F
     with session_scope(url) as session:
         requeued, failed = reap_expired_leases(session)
     for job_id in requeued:
-        log.warning("job %s: lease expired, requeued", job_id)
+        log.warning("job %s: lease expired, requeued", job_id, extra={"job_id": str(job_id)})
     for job_id in failed:
-        log.error("job %s: lease expired with no attempts left, failed", job_id)
+        log.error(
+            "job %s: lease expired with no attempts left, failed", job_id, extra={"job_id": str(job_id)}
+        )
     with session_scope(url) as session:
         pending = jobs_to_publish(
             session, republish_after=0 if republish_all else settings.republish_after_seconds

@@ -99,6 +99,7 @@ def service_env(database_url: str, redis_url: str, tmp: Path, **extra: str) -> d
         TENSORQ_REDIS_URL=redis_url,
         TENSORQ_ARTIFACT_DIR=str(tmp / "artifacts"),
         TENSORQ_SWEEP_INTERVAL_SECONDS="1",
+        TENSORQ_WORKER_METRICS_PORT=str(free_port()),
         TENSORQ_LOG_LEVEL="INFO",
         HF_HUB_OFFLINE="1",
     )

@@ -14,19 +14,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from celery import Celery, Task
 from celery.exceptions import TimeLimitExceeded
-from celery.signals import task_failure, worker_init, worker_process_init, worker_ready
+from celery.signals import setup_logging, task_failure, worker_init, worker_process_init, worker_ready
 
 from db.jobs import fail_held_job
 from db.models import Job
 from db.session import session_scope
 from tasks.registry import JobKind, all_kinds, get_kind
 from tensorq.broker import make_celery
+from tensorq.logs import configure_logging, job_context
 from tensorq.settings import get_settings
-from worker.runner import Runner
+from worker.runner import Runner, torch_device
 
 log = logging.getLogger(__name__)
 
 app: Celery = make_celery(get_settings())
+
+
+@setup_logging.connect
+def _use_tensorq_logging(**_: Any) -> None:
+    # Connected, this stops Celery installing its own handlers: its lines come out in our format.
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
 
 # Celery logs two INFO lines per task; at hundreds of jobs/s that is real CPU. Flower has them.
 for _name in ("celery.worker.strategy", "celery.app.trace"):
@@ -48,7 +57,8 @@ def _register(kind: JobKind[Any, Any]) -> None:
 
     @app.task(name=kind.task_name, bind=True, soft_time_limit=soft, time_limit=hard)
     def run_job(self: Task, job_id: str) -> str | None:
-        status = get_runner().run(kind.name, job_id, worker_name=self.request.hostname or "unknown")
+        with job_context(job_id):
+            status = get_runner().run(kind.name, job_id, worker_name=self.request.hostname or "unknown")
         return status.value if status else None
 
 
@@ -64,6 +74,13 @@ def _prepare_process(**_: Any) -> None:
     threads = settings.torch_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     runner = get_runner()
+    if settings.worker_metrics_port:
+        from worker import metrics
+
+        port = settings.worker_metrics_port
+        if runner.device.startswith("cuda:"):
+            port += 1 + int(runner.device.split(":")[1])
+        metrics.serve(port, cache=lambda: runner.models, device=torch_device(runner.device))
     for kind in all_kinds().values():
         if kind.warmup is not None:
             kind.warmup(runner.context())
@@ -97,11 +114,11 @@ def _fail_on_hard_time_limit(
     if not isinstance(exception, TimeLimitExceeded) or not args or "name" not in _node:
         return
     job_id = uuid.UUID(str(args[0]))
-    with session_scope(get_settings().sqlalchemy_url) as session:
+    with job_context(job_id), session_scope(get_settings().sqlalchemy_url) as session:
         failed = fail_held_job(
             session, job_id, worker=_node["name"], error_type="Timeout",
             message=f"hard time limit exceeded ({exception}); the job's process was killed",
         )  # fmt: skip
     if failed:
-        log.error("job %s: hard time limit exceeded, failed", job_id)
+        log.error("job %s: hard time limit exceeded, failed", job_id, extra={"job_id": str(job_id)})
         get_runner().events.changed([job_id])

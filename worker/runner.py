@@ -33,7 +33,7 @@ from db.jobs import (
     release_job,
     update_progress,
 )
-from db.models import Job, JobStatus
+from db.models import Job, JobStatus, utcnow
 from db.session import session_scope
 from tasks.context import JobCancelled, JobContext, JobError, ResolvedModel
 from tasks.registry import JobKind, get_kind
@@ -41,6 +41,7 @@ from tensorq.artifacts import ArtifactStore, UnsafePath
 from tensorq.datasets import DatasetError, parse_jsonl
 from tensorq.events import EventPublisher
 from tensorq.settings import Settings
+from worker import metrics
 from worker.leases import LeaseKeeper
 from worker.model_cache import ModelCache
 from worker.retry import backoff_delay, is_transient, with_retries
@@ -103,8 +104,26 @@ class RecentlyFinished:
         return job_id in self._ids
 
 
+def finished_info(jobs: list[Job], outcomes: list[Outcome], written: set[uuid.UUID]) -> list[dict[str, Any]]:
+    """What the API's histograms need about each finished job (sent with the job-change event)."""
+    by_id = {job.id: job for job in jobs}
+    now = utcnow()
+    info = []
+    for o in outcomes:
+        job = by_id.get(o.job_id)
+        if job is None or o.job_id not in written or job.started_at is None:
+            continue
+        info.append({
+            "kind": job.kind, "status": o.status.value,
+            "queue_s": (job.started_at - job.created_at).total_seconds(),
+            "run_s": (now - job.started_at).total_seconds(),
+        })  # fmt: skip
+    return info
+
+
 def run_metrics(batch_size: int, started: float) -> dict[str, Any]:
     """Recorded on the job: how many jobs shared its forward pass, and how long that took."""
+    metrics.batch_size.observe(batch_size)
     return {"batch_size": batch_size, "run_ms": round((time.perf_counter() - started) * 1000, 3)}
 
 
@@ -145,7 +164,13 @@ def outcome_of_error(job: Job, exc: Exception) -> Outcome:
     if isinstance(exc, SoftTimeLimitExceeded):
         return failed(job, "Timeout", "soft time limit exceeded")
     if is_transient(exc):
-        log.warning("job %s: transient %s, will retry: %s", job.id, type(exc).__name__, exc)
+        log.warning(
+            "job %s: transient %s, will retry: %s",
+            job.id,
+            type(exc).__name__,
+            exc,
+            extra={"job_id": str(job.id)},
+        )
         return Outcome(
             job.id, job.claim_token, JobStatus.QUEUED, error_type=type(exc).__name__,
             error_message=(str(exc) or repr(exc))[:MAX_ERROR_CHARS],
@@ -156,7 +181,7 @@ def outcome_of_error(job: Job, exc: Exception) -> Outcome:
         return failed(job, exc.error_type, exc.message)
     if isinstance(exc, ValidationError):
         return failed(job, "InvalidParams", str(exc))
-    log.error("job %s: unexpected error", job.id, exc_info=exc)
+    log.error("job %s: unexpected error", job.id, exc_info=exc, extra={"job_id": str(job.id)})
     return failed(job, type(exc).__name__, str(exc) or repr(exc))
 
 
@@ -200,6 +225,7 @@ class Runner:
             log.info("job %s: not claimable (finished, cancelled, or held by a live worker)", job_id)
             if not jobs:
                 return None
+        metrics.in_flight.inc(len(jobs))
         for job in jobs:
             assert job.claim_token is not None
             self.leases.hold(job.id, job.claim_token)
@@ -208,13 +234,20 @@ class Runner:
             outcomes = self.execute_batch(kind, jobs) if len(jobs) > 1 else [self.execute(kind, jobs[0])]
             outcomes, written = with_retries(lambda: self.commit(kind, outcomes), what=f"finish job {jid}")
             self.clean_work_dirs([o for o in outcomes if o.job_id in written])
-            self.events.changed(written)
+            self.events.changed(written, finished=finished_info(jobs, outcomes, written))
+            for o in outcomes:
+                if o.job_id in written:
+                    metrics.jobs_finished.labels(kind.name, o.status.value).inc()
         finally:
+            metrics.in_flight.dec(len(jobs))
             for job in jobs:
                 self.leases.release(job.id)
         for outcome in outcomes:
             if outcome.job_id not in written:
-                log.warning("job %s: lost its claim before finishing; result discarded", outcome.job_id)
+                log.warning(
+                    "job %s: lost its claim before finishing; result discarded", outcome.job_id,
+                    extra={"job_id": str(outcome.job_id)},
+                )  # fmt: skip
             elif outcome.job_id != jid:
                 self.finished_in_batches.add(outcome.job_id)
         if len(jobs) > 1:

@@ -4,11 +4,14 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.deps import get_events, get_publisher, get_session, get_settings
@@ -16,6 +19,7 @@ from api.responses import model_response
 from api.schemas import ErrorOut, JobBatchCreate, JobBatchOut, JobCreate, JobList, JobOut
 from db.jobs import cancel_job, create_job, get_job, list_jobs, mark_unpublished
 from db.models import Job, JobStatus
+from db.session import get_sessionmaker
 from tasks.registry import get_kind
 from tensorq.broker import Publisher, queue_for
 from tensorq.events import EventListener
@@ -25,6 +29,8 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+SSE_KEEPALIVE_SECONDS = 15
+
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
 
 
@@ -33,7 +39,12 @@ def publish_after_commit(session: Session, publisher: Publisher, jobs: list[Job]
     try:
         publisher.publish_many([(get_kind(job.kind).task_name, str(job.id), job.queue) for job in jobs])
     except Exception as exc:
-        log.warning("publish failed for %d job(s), left for the sweeper: %s", len(jobs), exc)
+        log.warning(
+            "publish failed for %d job(s), left for the sweeper: %s",
+            len(jobs),
+            exc,
+            extra={"job_id": str(jobs[0].id)},
+        )
         mark_unpublished(session, [job.id for job in jobs])
         session.commit()
 
@@ -49,6 +60,7 @@ def publish_after_commit(session: Session, publisher: Publisher, jobs: list[Job]
     summary="Submit a job",
 )
 def submit_job(
+    request: Request,
     body: JobCreate,
     session: Session = Depends(get_session),
     publisher: Publisher = Depends(get_publisher),
@@ -57,6 +69,7 @@ def submit_job(
     job = store_job(session, body, settings)
     session.commit()
     publish_after_commit(session, publisher, [job])
+    request.app.state.metrics.submitted.labels(job.kind).inc()
     return model_response(JobOut.from_row(job), 202, {"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -83,6 +96,7 @@ def store_job(session: Session, body: Any, settings: Settings) -> Job:
     summary="Submit many jobs in one request, stored in one transaction",
 )
 def submit_jobs(
+    request: Request,
     body: JobBatchCreate,
     session: Session = Depends(get_session),
     publisher: Publisher = Depends(get_publisher),
@@ -91,6 +105,8 @@ def submit_jobs(
     jobs = [store_job(session, item, settings) for item in body.jobs]
     session.commit()
     publish_after_commit(session, publisher, jobs)
+    for kind, n in Counter(job.kind for job in jobs).items():
+        request.app.state.metrics.submitted.labels(kind).inc(n)
     return model_response(JobBatchOut(ids=[job.id for job in jobs]), 202)
 
 
@@ -128,6 +144,55 @@ async def read_job(
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
     return model_response(JobOut.from_row(job))
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "Server-sent events: `event: job` with the job object (JobOut) as `data`, one per "
+            "change of state or progress, ending after the final status; `: keep-alive` comments meanwhile.",
+        },
+        **NOT_FOUND,
+    },
+    response_class=StreamingResponse,
+    summary="Stream a job's changes (Server-Sent Events)",
+)
+async def job_events(
+    request: Request, job_id: uuid.UUID, events: EventListener = Depends(get_events)
+) -> StreamingResponse:
+    # Its own session: a streamed response outlives the request's injected one.
+    sessions = get_sessionmaker(request.app.state.settings.sqlalchemy_url)
+
+    def load() -> Job | None:
+        with sessions() as session:
+            return get_job(session, job_id)
+
+    if await run_in_threadpool(load) is None:
+        raise HTTPException(status_code=404, detail="job not found")
+
+    async def stream() -> AsyncIterator[str]:
+        with events.watch(job_id) as changed:
+            last: tuple[Any, ...] | None = None
+            number = 0
+            while True:
+                job = await run_in_threadpool(load)
+                if job is None:
+                    return
+                if (job.status, job.updated_at) != last:
+                    last = (job.status, job.updated_at)
+                    number += 1
+                    yield f"event: job\nid: {number}\ndata: {JobOut.from_row(job).model_dump_json()}\n\n"
+                if job.status.terminal:
+                    return
+                try:
+                    await asyncio.wait_for(changed.wait(), SSE_KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                changed.clear()
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import httpx
@@ -133,3 +134,22 @@ def test_device_requirements_route_to_fitting_queues(client: httpx.Client) -> No
     assert client.post(f"/v1/jobs/{on_gpu['id']}/cancel").json()["status"] == "cancelled"
     bad = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["x"]}, "device": "tpu"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "device"]
+
+
+def test_worker_log_lines_about_a_job_carry_its_id(client: httpx.Client, service: Service) -> None:
+    from tensorq.broker import Publisher
+    from tensorq.settings import Settings
+    from tests.helpers import wait_until
+
+    job = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["logged"]}}).json()
+    wait_job(client, job["id"])
+    # A duplicate message makes the worker log a line about this job ("not claimable").
+    publisher = Publisher(Settings(redis_url=service.env["TENSORQ_REDIS_URL"]))
+    publisher.publish("tensorq.embed", job["id"], "inference")
+    publisher.close()
+    wait_until(lambda: f"job {job['id']}: not claimable" in service.worker.log(), timeout=30)
+    lines = [json.loads(line) for line in service.worker.log().splitlines() if line.startswith("{")]
+    assert lines, "the worker should log JSON lines when not on a terminal"
+    about_jobs = [line for line in lines if "job " in line["message"] and line["message"].startswith("job ")]
+    assert any(job["id"] in line["message"] for line in about_jobs)
+    assert all(line.get("job_id") and line["job_id"] in line["message"] for line in about_jobs)

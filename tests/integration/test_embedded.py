@@ -38,6 +38,14 @@ def test_tensorq_up_runs_a_job_on_sqlite_and_embedded_redis(tmp_path: Path) -> N
             lambda: "tensorq is up" in output() or up.poll() is not None, timeout=180, what="tensorq up"
         )
         assert up.poll() is None, output()
+        # Flower is up against the same broker and refuses anonymous access.
+        flower = f"http://127.0.0.1:{flower_port}"
+        wait_until(lambda: _responds(f"{flower}/api/workers"), timeout=60, what="flower")
+        assert httpx.get(f"{flower}/api/workers", timeout=10).status_code == 401
+        auth = re.search(r"user:password (\S+?):(\S+)\)", output())
+        assert auth, output()
+        user, password = auth.groups()
+
         # The printed curl line works as printed.
         curl = re.search(r"curl -s -X POST (\S+) -H '([^']+)' \\\n\s+-d '([^']+)'", output())
         assert curl, output()
@@ -45,6 +53,7 @@ def test_tensorq_up_runs_a_job_on_sqlite_and_embedded_redis(tmp_path: Path) -> N
         name, value = header.split(": ")
         r = httpx.post(url, headers={name: value}, content=body, timeout=10)
         assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
         job_url = f"http://127.0.0.1:{api_port}{r.headers['location']}"
 
         def finished() -> dict[str, object] | None:
@@ -56,14 +65,19 @@ def test_tensorq_up_runs_a_job_on_sqlite_and_embedded_redis(tmp_path: Path) -> N
         assert len(job["result"]["embeddings"][0]) == 384  # type: ignore[index]
         assert (tmp_path / "var" / "tensorq.db").exists()
 
-        # Flower is up against the same broker and refuses anonymous access.
-        flower = f"http://127.0.0.1:{flower_port}"
-        wait_until(lambda: _responds(f"{flower}/api/workers"), timeout=60, what="flower")
-        assert httpx.get(f"{flower}/api/workers", timeout=10).status_code == 401
-        auth = re.search(r"user:password (\S+?):(\S+)\)", output())
-        assert auth, output()
-        user, password = auth.groups()
-        assert httpx.get(f"{flower}/api/workers", auth=(user, password), timeout=10).status_code == 200
+        # Flower shows the worker and the finished task under its readable name and the job id.
+        workers = httpx.get(
+            f"{flower}/api/workers", params={"refresh": "1"}, auth=(user, password), timeout=30
+        )
+        assert workers.status_code == 200 and any(w.startswith("cpu@") for w in workers.json()), workers.text
+
+        def flower_task() -> dict[str, object] | None:
+            tasks = httpx.get(f"{flower}/api/tasks", auth=(user, password), timeout=10).json()
+            task: dict[str, object] | None = tasks.get(job_id)
+            return task if task and task.get("state") == "SUCCESS" else None
+
+        task = wait_until(flower_task, timeout=30, what="the task in Flower")
+        assert task["name"] == "tensorq.embed"
     finally:
         up.terminate()
         up.wait(timeout=60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -65,3 +66,24 @@ def test_wait_until_finished_answers_once(client: httpx.Client) -> None:
     job = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["one answer"]}}).json()
     done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 30, "until": "finished"}).json()
     assert done["status"] == "succeeded" and done["result"]["dim"] == 384
+
+
+def test_events_stream_each_change_and_end_with_the_final_state(client: httpx.Client, pg_url: str) -> None:
+    # A job that waits until we let it go, so the stream must show it queued first.
+    job_id = insert_unpublished_job(pg_url)
+    statuses: list[str] = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                statuses.append(json.loads(line[len("data: ") :])["status"])
+                if statuses == ["queued"]:
+                    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    assert statuses == ["queued", "cancelled"]  # and the server closed the stream after the final state
+
+    job = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["streamed"]}}).json()
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["status"] == "succeeded" and events[-1]["result"]["dim"] == 384
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}/events").status_code == 404

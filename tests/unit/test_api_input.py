@@ -101,6 +101,8 @@ def test_openapi_documents_every_route_with_models(api: TestClient) -> None:
             ok = [c for c in op["responses"] if c.startswith("2")]
             assert ok, (method, path)
             content = op["responses"][ok[0]].get("content", {})
+            if set(content) == {"text/event-stream"}:
+                continue  # a stream of JobOut objects, described in words
             assert "$ref" in str(content), (method, path, "has no response model")
     post = doc["paths"]["/v1/jobs"]["post"]
     assert "EmbedJobCreate" in str(post["requestBody"])
