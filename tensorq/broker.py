@@ -67,6 +67,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_default_queue": "inference",
+        # Pool children load their models in worker_process_init, which takes seconds; Celery's
+        # 4 s default would kill a replacement child (after a hard time limit) before it is up.
+        "worker_proc_alive_timeout": 180,
         "worker_hijack_root_logger": False,
         "enable_utc": True,
     }

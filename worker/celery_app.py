@@ -91,10 +91,15 @@ worker_process_init.connect(_prepare_process)
 
 
 @worker_init.connect
-def _prepare_inline_pool(sender: Any = None, **_: Any) -> None:
-    # solo/threads pools run jobs in the main process and never send worker_process_init.
+def _prepare_main_process(sender: Any = None, **_: Any) -> None:
     if get_settings().worker_pool in ("solo", "threads"):
+        # These pools run jobs in the main process and never send worker_process_init.
         _prepare_process()
+        return
+    # Importing (not initialising CUDA) before the fork makes every pool child start in a
+    # fraction of the time, which matters when one is replaced after a hard time limit.
+    import torch  # noqa: F401
+    import transformers.models.bert.modeling_bert  # noqa: F401
 
 
 _node: dict[str, str] = {}
