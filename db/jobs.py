@@ -146,10 +146,12 @@ def claim_jobs(
     also_queued: int = 0,
     kind: str | None = None,
     model: str | None = None,
-    same_model_as_job: bool = False,
+    queue: str | None = None,
+    same_as_job: bool = False,
 ) -> list[Job]:
-    """Claim `job_id` and, for batching, up to `also_queued` other queued jobs of the same kind and
-    model (`model`, or `job_id`'s own with `same_model_as_job`), oldest first, in one statement.
+    """Claim `job_id` and, for batching, up to `also_queued` other queued jobs of the same kind,
+    model and queue (`model`/`queue`, or `job_id`'s own with `same_as_job`), oldest first, in one
+    statement. The queue matters: a job that requires a GPU must not ride in a CPU worker's batch.
     Jobs another worker is claiming right now are skipped (SKIP LOCKED on PostgreSQL; SQLite has
     a single writer). The job `job_id`, if claimed, comes first.
     """
@@ -158,17 +160,18 @@ def claim_jobs(
     if job_id is not None:
         conditions.append(and_(Job.id == job_id, _claimable(now)))
     if also_queued > 0:
+
+        def of_job(column: Any) -> Any:
+            return select(column).where(Job.id == job_id).scalar_subquery()
+
         others = (
             select(Job.id)
             .where(
                 Job.status == JobStatus.QUEUED,
                 Job.cancel_requested.is_(False),
                 Job.kind == kind,
-                Job.model.is_not_distinct_from(
-                    select(Job.model).where(Job.id == job_id).scalar_subquery()
-                    if same_model_as_job
-                    else model
-                ),
+                Job.model.is_not_distinct_from(of_job(Job.model) if same_as_job else model),
+                Job.queue == (of_job(Job.queue) if same_as_job else queue),
             )
             .order_by(Job.created_at)
             .limit(also_queued)

@@ -271,7 +271,7 @@ class Runner:
             with session_scope(self.database_url) as session:
                 return claim_jobs(
                     session, jid, **common, also_queued=s.batch_max_texts - 1 if batching else 0,
-                    kind=kind.name, same_model_as_job=True,
+                    kind=kind.name, same_as_job=True,
                 )  # fmt: skip
 
         jobs = with_retries(claim, what=f"claim job {jid}")
@@ -284,7 +284,7 @@ class Runner:
             with session_scope(self.database_url) as session:
                 jobs += claim_jobs(
                     session, None, **common, also_queued=s.batch_max_texts - texts,
-                    kind=kind.name, model=jobs[0].model,
+                    kind=kind.name, model=jobs[0].model, queue=jobs[0].queue,
                 )  # fmt: skip
         return jobs
 

@@ -12,6 +12,7 @@ from db.jobs import (
     Outcome,
     cancel_job,
     claim_job,
+    claim_jobs,
     create_job,
     extend_leases,
     finish_jobs,
@@ -224,3 +225,30 @@ def test_transient_errors_are_told_from_permanent_ones() -> None:
     assert not is_transient(KeyError("no such model"))
     delays = [backoff_delay(n, base=1, cap=60) for n in range(12)]
     assert all(0 <= d <= min(60, 2**n) for n, d in enumerate(delays))
+
+
+def test_batch_claim_takes_only_jobs_of_the_same_kind_model_and_queue(session: Session) -> None:
+    def job(queue: str, kind: str = "embed", model: str = "m") -> uuid.UUID:
+        row = create_job(session, kind=kind, params={}, queue=queue, max_attempts=3, model=model)
+        session.commit()
+        return row.id
+
+    first = job("inference")
+    mate = job("inference")
+    gpu_only = job("gpu.inference")
+    other_model = job("inference", model="other")
+    other_kind = job("inference", kind="classify")
+    claimed = claim_jobs(
+        session,
+        first,
+        worker="w",
+        device="cpu",
+        lease_seconds=60,
+        also_queued=10,
+        kind="embed",
+        same_as_job=True,
+    )
+    session.commit()
+    assert [j.id for j in claimed] == [first, mate]
+    for left in (gpu_only, other_model, other_kind):
+        assert get_job(session, left).status == JobStatus.QUEUED  # type: ignore[union-attr]
