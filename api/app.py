@@ -12,7 +12,7 @@ from api.metrics import ApiMetrics
 from api.routes import datasets, health, jobs, models
 from tensorq import __version__
 from tensorq.broker import Publisher
-from tensorq.events import EventListener
+from tensorq.events import EventListener, EventPublisher
 from tensorq.settings import Settings, get_settings
 from tensorq.sweeper import Sweeper
 
@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         listener = EventListener(settings.redis_url, on_finished=metrics.observe_finished)
         listener.start()
         app.state.events = listener
+        app.state.event_publisher = EventPublisher(settings.redis_url)
         sweeper = Sweeper(settings, publisher) if run_sweeper else None
         if sweeper:
             sweeper.start()

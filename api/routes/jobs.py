@@ -218,9 +218,11 @@ def read_jobs(
     responses={**NOT_FOUND, 409: {"model": ErrorOut, "description": "The job already finished"}},
     summary="Cancel a job: at once if queued, at its next check if running",
 )
-def cancel(job_id: uuid.UUID, session: Session = Depends(get_session)) -> JobOut:
+def cancel(request: Request, job_id: uuid.UUID, session: Session = Depends(get_session)) -> JobOut:
     job = cancel_job(session, job_id)
     session.commit()
+    # Wake long-polls and event streams on every API replica (a queued job just became final).
+    request.app.state.event_publisher.changed([job_id])
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
