@@ -119,3 +119,14 @@ def test_queues_fit_the_device() -> None:
     assert queue_for("inference", "gpu") == "gpu.inference"
     assert set(queues_for_worker(on_gpu=True)) == {"inference", "training", "gpu.inference", "gpu.training"}
     assert set(queues_for_worker(on_gpu=False)) == {"inference", "training", "cpu.inference", "cpu.training"}
+
+
+def test_no_project_code_loads_models_with_remote_code() -> None:
+    root = Path(__file__).resolve().parents[2]
+    offenders = [
+        path
+        for package in ("api", "db", "tasks", "tensorq", "worker")
+        for path in (root / package).rglob("*.py")
+        if "trust_remote_code=True" in path.read_text().replace(" ", "")
+    ]
+    assert offenders == []
