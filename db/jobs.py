@@ -36,6 +36,18 @@ class Outcome:
     metrics: dict[str, Any] | None = None
 
 
+def _failed(now: datetime, error_type: str, message: str) -> dict[str, Any]:
+    """The column values of a job ending `failed` outside a worker's normal final write."""
+    return {
+        "status": JobStatus.FAILED,
+        "error_type": error_type,
+        "error_message": message,
+        "finished_at": now,
+        "updated_at": now,
+        "lease_expires_at": None,
+    }
+
+
 def create_job(
     session: Session,
     *,
@@ -283,14 +295,7 @@ def release_job(
     session.execute(
         update(Job)
         .where(held)
-        .values(
-            status=JobStatus.FAILED,
-            error_type=error_type,
-            finished_at=now,
-            updated_at=now,
-            error_message=f"{message} (transient, but no attempts are left)",
-            lease_expires_at=None,
-        )
+        .values(**_failed(now, error_type, f"{message} (transient, but no attempts are left)"))
         .execution_options(synchronize_session=False)
     )
     return False
@@ -323,14 +328,7 @@ def fail_held_job(session: Session, job_id: uuid.UUID, *, worker: str, error_typ
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker == worker)
-        .values(
-            status=JobStatus.FAILED,
-            error_type=error_type,
-            error_message=message,
-            finished_at=now,
-            updated_at=now,
-            lease_expires_at=None,
-        )
+        .values(**_failed(now, error_type, message))
         .execution_options(synchronize_session=False)
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]
@@ -355,13 +353,11 @@ def reap_expired_leases(session: Session) -> tuple[list[uuid.UUID], list[uuid.UU
         update(Job)
         .where(expired, Job.attempts >= Job.max_attempts)
         .values(
-            status=JobStatus.FAILED,
-            error_type="WorkerLost",
-            error_message="the worker running this job stopped (no heartbeat within the lease) "
-            "and no attempts are left",
-            finished_at=now,
-            updated_at=now,
-            lease_expires_at=None,
+            **_failed(
+                now,
+                "WorkerLost",
+                "the worker running this job stopped (no heartbeat within the lease) and no attempts are left",
+            )
         )
         .returning(Job.id)
         .execution_options(synchronize_session=False)

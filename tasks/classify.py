@@ -9,11 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from tasks import classifier as clf
 from tasks.context import JobContext, JobError, ResolvedModel
 from tasks.registry import JobKind
+from tasks.texts import Texts
 
-MAX_TEXTS = 256
-MAX_TEXT_CHARS = 8192
-
-Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
 # "name" (the latest version), "name:3" (a version) or "name@production" (an alias).
 ModelRef = Annotated[
     str,
@@ -25,11 +22,7 @@ class ClassifyParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelRef = Field(description='A registered classifier: "name", "name:3" or "name@alias".')
-    texts: list[Text] = Field(
-        min_length=1,
-        max_length=MAX_TEXTS,
-        description=f"1 to {MAX_TEXTS} texts of 1 to {MAX_TEXT_CHARS} characters each.",
-    )
+    texts: Texts
 
 
 class Prediction(BaseModel):

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks import minilm
 from tasks.context import JobContext
 from tasks.registry import JobKind
-
-MAX_TEXTS = 256
-MAX_TEXT_CHARS = 8192
-
-Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+from tasks.texts import Texts
 
 
 class EmbedParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[Text] = Field(
-        min_length=1,
-        max_length=MAX_TEXTS,
-        description=f"1 to {MAX_TEXTS} texts of 1 to {MAX_TEXT_CHARS} characters each.",
-    )
+    texts: Texts
 
 
 class EmbedResult(BaseModel):

@@ -143,3 +143,14 @@ def drop_database(admin_url: str, url: str) -> None:
     name = url.rpartition("/")[2]
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def training_job(name: str, epochs: int, rows: int = 160, **extra: Any) -> dict[str, Any]:
+    """A small inline train-text-classifier job on the shipped dataset (seconds per epoch on CPU)."""
+    import json as _json
+
+    from tasks.data import sample_dataset_path
+
+    data = [_json.loads(line) for line in sample_dataset_path().read_text().splitlines()[:rows]]
+    params = {"data": data, "epochs": epochs, "batch_size": 16, "max_seq_length": 24, "model_name": name}
+    return {"kind": "train-text-classifier", "input": {**params, **extra}}

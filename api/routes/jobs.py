@@ -49,6 +49,14 @@ def publish_after_commit(session: Session, publisher: Publisher, jobs: list[Job]
         session.commit()
 
 
+def accept(request: Request, session: Session, publisher: Publisher, jobs: list[Job]) -> None:
+    """Commit the stored jobs, then publish them, then count them."""
+    session.commit()
+    publish_after_commit(session, publisher, jobs)
+    for kind, n in Counter(job.kind for job in jobs).items():
+        request.app.state.metrics.submitted.labels(kind).inc(n)
+
+
 @router.post(
     "",
     status_code=202,
@@ -67,9 +75,7 @@ def submit_job(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     job = store_job(session, body, settings)
-    session.commit()
-    publish_after_commit(session, publisher, [job])
-    request.app.state.metrics.submitted.labels(job.kind).inc()
+    accept(request, session, publisher, [job])
     return model_response(JobOut.from_row(job), 202, {"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -103,10 +109,7 @@ def submit_jobs(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     jobs = [store_job(session, item, settings) for item in body.jobs]
-    session.commit()
-    publish_after_commit(session, publisher, jobs)
-    for kind, n in Counter(job.kind for job in jobs).items():
-        request.app.state.metrics.submitted.labels(kind).inc(n)
+    accept(request, session, publisher, jobs)
     return model_response(JobBatchOut(ids=[job.id for job in jobs]), 202)
 
 

@@ -6,7 +6,6 @@ SIGKILLed, Redis is restarted (losing every queued message) and PostgreSQL is re
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections import Counter
@@ -17,14 +16,20 @@ import httpx
 import psycopg
 import pytest
 
-from tasks.data import sample_dataset_path
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.faults.conftest import RedisServer, restart_postgres
-from tests.helpers import Proc, create_database, drop_database, service_env, start_service, wait_until
+from tests.helpers import (
+    Proc,
+    create_database,
+    drop_database,
+    service_env,
+    start_service,
+    training_job,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
-ROWS = [json.loads(line) for line in sample_dataset_path().read_text().splitlines()[:120]]
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -37,9 +42,7 @@ def submit_embeds(client: httpx.Client, n: int, tag: str) -> list[str]:
 
 
 def submit_training(client: httpx.Client, name: str) -> str:
-    body = {"kind": "train-text-classifier", "input": {
-        "data": ROWS, "epochs": 3, "batch_size": 16, "max_seq_length": 24, "model_name": name, "seed": 3}}  # fmt: skip
-    r = client.post("/v1/jobs", json=body)
+    r = client.post("/v1/jobs", json=training_job(name, epochs=3, rows=120, seed=3))
     assert r.status_code == 202, r.text
     job_id: str = r.json()["id"]
     return job_id

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
 import pytest
 
-from tasks.data import sample_dataset_path
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.faults.conftest import RedisServer
 from tests.helpers import (
@@ -17,18 +15,12 @@ from tests.helpers import (
     drop_database,
     service_env,
     start_service,
+    training_job,
     wait_job,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
-
-ROWS = [json.loads(line) for line in sample_dataset_path().read_text().splitlines()[:160]]
-
-
-def training_body(name: str, epochs: int) -> dict[str, object]:
-    return {"kind": "train-text-classifier", "input": {
-        "data": ROWS, "epochs": epochs, "batch_size": 16, "max_seq_length": 24, "model_name": name}}  # fmt: skip
 
 
 def test_job_longer_than_the_visibility_timeout_runs_once(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -40,7 +32,7 @@ def test_job_longer_than_the_visibility_timeout_runs_once(redis_server: RedisSer
     try:
         wait_until(lambda: "worker process ready" in other.log(), timeout=120, what="second worker")
         with svc.client() as client:
-            job = client.post("/v1/jobs", json=training_body("long", epochs=6)).json()
+            job = client.post("/v1/jobs", json=training_job("long", epochs=6)).json()
             done = wait_job(client, job["id"], timeout=300)
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 1
@@ -68,7 +60,7 @@ def test_job_whose_worker_dies_with_no_attempts_left_fails_with_a_reason(
     svc = start_service(env, tmp_path)
     try:
         with svc.client() as client:
-            job = client.post("/v1/jobs", json=training_body("doomed", epochs=20)).json()
+            job = client.post("/v1/jobs", json=training_job("doomed", epochs=20)).json()
             wait_until(
                 lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running",
                 timeout=120,

@@ -7,24 +7,23 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tasks.data import sample_dataset_path
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.faults.conftest import RedisServer
-from tests.helpers import create_database, drop_database, service_env, start_service, wait_job, wait_until
+from tests.helpers import (
+    create_database,
+    drop_database,
+    service_env,
+    start_service,
+    training_job,
+    wait_job,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
-
-ROWS = [json.loads(line) for line in sample_dataset_path().read_text().splitlines()[:160]]
-
-
-def training(name: str, epochs: int) -> dict[str, Any]:
-    return {"kind": "train-text-classifier", "input": {
-        "data": ROWS, "epochs": epochs, "batch_size": 16, "max_seq_length": 24, "model_name": name}}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -42,7 +41,7 @@ def test_time_limits_fail_a_runaway_job_with_timeout(
     svc = start_service(env, tmp_path)
     try:
         with svc.client() as client:
-            job = client.post("/v1/jobs", json=training("runaway", epochs=50)).json()
+            job = client.post("/v1/jobs", json=training_job("runaway", epochs=50)).json()
             done = wait_job(client, job["id"], timeout=120)
             assert done["status"] == "failed", done
             assert done["error"]["type"] == "Timeout" and expected in done["error"]["message"]
@@ -65,7 +64,7 @@ def test_sigterm_lets_the_worker_finish_its_job_and_the_api_drain(
     svc = start_service(service_env(pg, redis_server.url, tmp_path), tmp_path)
     try:
         client = svc.client()
-        job = client.post("/v1/jobs", json=training("graceful", epochs=2)).json()
+        job = client.post("/v1/jobs", json=training_job("graceful", epochs=2)).json()
         wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", timeout=60)
         svc.worker.popen.send_signal(signal.SIGTERM)  # to the main process, as a container runtime does
         time.sleep(1)

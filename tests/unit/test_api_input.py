@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from api.app import create_app
 from db.models import Job
 from db.session import get_sessionmaker
-from tasks.embed import MAX_TEXTS
+from tasks.texts import MAX_TEXTS
 from tensorq.settings import Settings
 
 

@@ -9,8 +9,9 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from tasks.embed import MAX_TEXT_CHARS, MAX_TEXTS, EmbedParams
+from tasks.embed import EmbedParams
 from tasks.registry import all_kinds, get_kind
+from tasks.texts import MAX_TEXT_CHARS, MAX_TEXTS
 from tensorq.broker import queue_for, queues_for_worker
 from tensorq.cli import app
 from tensorq.settings import Settings
