@@ -9,10 +9,12 @@ from fastapi import FastAPI
 
 from api.errors import BodyLimit, install_error_handlers
 from api.metrics import ApiMetrics
-from api.routes import datasets, health, jobs, models
+from api.routes import datasets, health, jobs, keys, models
+from api.webhooks import WebhookDispatcher
 from tensorq import __version__
 from tensorq.broker import Publisher
 from tensorq.events import EventListener, EventPublisher
+from tensorq.ratelimit import RateLimiter
 from tensorq.settings import Settings, get_settings
 from tensorq.sweeper import Sweeper
 
@@ -26,18 +28,33 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         app.state.publisher = publisher
         metrics = ApiMetrics(settings, publisher)
         app.state.metrics = metrics
-        listener = EventListener(settings.redis_url, on_finished=metrics.observe_finished)
+        app.state.rate_limiter = RateLimiter(
+            settings.redis_url, rate=settings.tenant_submit_rate, burst=settings.tenant_submit_burst
+        )
+        webhooks = WebhookDispatcher(settings) if run_sweeper else None
+
+        def on_finished(info: dict[str, object]) -> None:
+            metrics.observe_finished(info)
+            if webhooks:
+                webhooks.wake()
+
+        listener = EventListener(settings.redis_url, on_finished=on_finished)
         listener.start()
         app.state.events = listener
         app.state.event_publisher = EventPublisher(settings.redis_url)
         sweeper = Sweeper(settings, publisher) if run_sweeper else None
         if sweeper:
             sweeper.start()
+        if webhooks:
+            webhooks.start()
         try:
             yield
         finally:
+            if webhooks:
+                webhooks.stop()
             if sweeper:
                 sweeper.stop()
+            app.state.rate_limiter.close()
             await listener.stop()
             publisher.close()
 
@@ -53,6 +70,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.include_router(jobs.router)
     app.include_router(datasets.router)
     app.include_router(models.router)
+    app.include_router(keys.router)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,

@@ -6,15 +6,22 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, create_model
 
-from db.models import Job, JobStatus
+from db.models import Job, JobStatus, WebhookState
 from tasks.registry import all_kinds
 
 
 class JobErrorOut(BaseModel):
     type: str = Field(description="A stable error name, e.g. InvalidParams, WorkerLost, RuntimeError.")
     message: str
+
+
+class WebhookOut(BaseModel):
+    url: str
+    state: WebhookState = Field(description="pending until delivered (2xx) or out of attempts (failed)")
+    attempts: int
+    error: str | None = Field(description="Why the last attempt failed")
 
 
 class JobOut(BaseModel):
@@ -38,6 +45,7 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    webhook: WebhookOut | None
 
     @classmethod
     def from_row(cls, job: Job) -> JobOut:
@@ -63,6 +71,14 @@ class JobOut(BaseModel):
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
+            webhook=None
+            if job.webhook_url is None or job.webhook_state is None
+            else WebhookOut(
+                url=job.webhook_url,
+                state=job.webhook_state,
+                attempts=job.webhook_attempts,
+                error=job.webhook_error,
+            ),
         )
 
 
@@ -85,6 +101,7 @@ def _pascal(name: str) -> str:
 
 
 DeviceChoice = Literal["any", "gpu", "cpu"]
+# HttpUrl also bounds the length (2083 characters).
 
 
 def _job_create_models() -> list[type[BaseModel]]:
@@ -95,6 +112,14 @@ def _job_create_models() -> list[type[BaseModel]]:
             kind=(Literal[kind.name], Field(description=kind.description)),  # type: ignore[arg-type]
             input=(kind.params, ...),
             device=(DeviceChoice, Field(default="any", description="Require a GPU or CPU worker, or any.")),
+            webhook=(
+                HttpUrl | None,
+                Field(
+                    default=None,
+                    description="POSTed the job (signed, see X-Tensorq-Signature) once it is final; "
+                    "private and loopback destinations are refused unless allowed by the server.",
+                ),
+            ),
         )
         for kind in all_kinds().values()
     ]
@@ -163,6 +188,36 @@ class AliasIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: int = Field(ge=1, le=999_999_999)
+
+
+class KeyOut(BaseModel):
+    id: uuid.UUID
+    tenant: str
+    prefix: str = Field(description="The key's first characters, to recognise it")
+    admin: bool
+    label: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    admin: bool = False
+    label: str | None = Field(default=None, max_length=200)
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The new key. Shown this once; only its hash is stored.")
+
+
+class KeyList(BaseModel):
+    items: list[KeyOut]
+
+
+class WebhookSecretOut(BaseModel):
+    tenant: str
+    webhook_secret: str = Field(description="Signs this tenant's webhook deliveries (HMAC-SHA256)")
 
 
 class AliasOut(BaseModel):

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Job, JobStatus, utcnow
+from db.models import Job, JobStatus, WebhookState, utcnow
 
 
 @dataclass(frozen=True)
@@ -51,17 +51,20 @@ def _failed(now: datetime, error_type: str, message: str) -> dict[str, Any]:
 def create_job(
     session: Session,
     *,
+    tenant: str,
     kind: str,
     params: dict[str, Any],
     queue: str,
     max_attempts: int,
     model: str | None = None,
+    webhook_url: str | None = None,
 ) -> Job:
     now = utcnow()
     # published_at is set optimistically: the caller publishes right after commit and clears it
     # with `mark_unpublished` if that fails; the sweeper covers a crash in between.
     job = Job(
         id=uuid.uuid4(),
+        tenant=tenant,
         kind=kind,
         model=model,
         queue=queue,
@@ -73,13 +76,28 @@ def create_job(
         created_at=now,
         updated_at=now,
         published_at=now,
+        webhook_url=webhook_url,
+        webhook_state=WebhookState.PENDING if webhook_url else None,
+        webhook_attempts=0,
     )
     session.add(job)
     return job
 
 
-def get_job(session: Session, job_id: uuid.UUID) -> Job | None:
-    return session.get(Job, job_id, populate_existing=True)
+def get_job(session: Session, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
+    """The job, fresh from the database; with `tenant`, None unless the job is that tenant's."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or (tenant is not None and job.tenant != tenant):
+        return None
+    return job
+
+
+def count_active_jobs(session: Session, tenant: str) -> int:
+    """Queued and running jobs of one tenant, for its quota."""
+    stmt = select(func.count()).where(
+        Job.tenant == tenant, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING))
+    )
+    return int(session.scalar(stmt) or 0)
 
 
 def mark_unpublished(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
@@ -159,11 +177,15 @@ def claim_jobs(
     kind: str | None = None,
     model: str | None = None,
     queue: str | None = None,
+    tenant: str | None = None,
     same_as_job: bool = False,
+    same_tenant: bool = True,
 ) -> list[Job]:
     """Claim `job_id` and, for batching, up to `also_queued` other queued jobs of the same kind,
     model and queue (`model`/`queue`, or `job_id`'s own with `same_as_job`), oldest first, in one
     statement. The queue matters: a job that requires a GPU must not ride in a CPU worker's batch.
+    So does the tenant, unless `same_tenant` is False: a model name means a different model in
+    another tenant's registry (`tenant`, or `job_id`'s own with `same_as_job`).
     Jobs another worker is claiming right now are skipped (SKIP LOCKED on PostgreSQL; SQLite has
     a single writer). The job `job_id`, if claimed, comes first.
     """
@@ -188,6 +210,8 @@ def claim_jobs(
             .order_by(Job.created_at)
             .limit(also_queued)
         )
+        if same_tenant:
+            others = others.where(Job.tenant == (of_job(Job.tenant) if same_as_job else tenant))
         if session.get_bind().dialect.name == "postgresql":
             others = others.with_for_update(skip_locked=True)
         conditions.append(and_(Job.id.in_(others), Job.status == JobStatus.QUEUED))
@@ -301,22 +325,22 @@ def release_job(
     return False
 
 
-def cancel_job(session: Session, job_id: uuid.UUID) -> Job | None:
+def cancel_job(session: Session, job_id: uuid.UUID, tenant: str) -> Job | None:
     """Cancel a queued job at once; ask a running one to stop. Terminal jobs are left as they are."""
     now = utcnow()
     session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .where(Job.id == job_id, Job.tenant == tenant, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .where(Job.id == job_id, Job.tenant == tenant, Job.status == JobStatus.RUNNING)
         .values(cancel_requested=True, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    return get_job(session, job_id)
+    return get_job(session, job_id, tenant)
 
 
 def fail_held_job(session: Session, job_id: uuid.UUID, *, worker: str, error_type: str, message: str) -> bool:
@@ -403,12 +427,13 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 def list_jobs(
     session: Session,
     *,
+    tenant: str,
     status: JobStatus | None = None,
     kind: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
-    stmt = select(Job)
+    stmt = select(Job).where(Job.tenant == tenant)
     if status is not None:
         stmt = stmt.where(Job.status == status)
     if kind is not None:

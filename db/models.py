@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Dialect,
     Enum,
@@ -71,10 +72,46 @@ class Base(DeclarativeBase):
     }
 
 
+# Every job, dataset and model belongs to one tenant; the API scopes every query by it.
+TENANT = String(63)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(TENANT, primary_key=True)
+    # Signs this tenant's webhook deliveries (HMAC-SHA256); never returned in job records or logs.
+    webhook_secret: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 is stored; the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant: Mapped[str] = mapped_column(TENANT, ForeignKey("tenants.name", ondelete="CASCADE"))
+    # The key's first characters, to tell keys apart in listings.
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    label: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class WebhookState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant: Mapped[str] = mapped_column(TENANT)
     kind: Mapped[str] = mapped_column(String(64))
     model: Mapped[str | None] = mapped_column(String(200))
     queue: Mapped[str] = mapped_column(String(64))
@@ -102,8 +139,19 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # A URL POSTed the job once it is final (see api/webhooks.py); delivery state lives beside it.
+    webhook_url: Mapped[str | None] = mapped_column(String(2083))
+    webhook_state: Mapped[WebhookState | None] = mapped_column(
+        Enum(WebhookState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+    )
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_next_at: Mapped[datetime | None]
+    webhook_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
+        Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
+        Index("ix_jobs_tenant_status_created", "tenant", "status", "created_at", "id"),
+        Index("ix_jobs_webhook_due", "webhook_state", "webhook_next_at"),
         Index("ix_jobs_created", "created_at", "id"),
         Index("ix_jobs_status_created", "status", "created_at", "id"),
         Index("ix_jobs_kind_created", "kind", "created_at", "id"),
@@ -118,6 +166,7 @@ class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant: Mapped[str] = mapped_column(TENANT, index=True)
     name: Mapped[str | None] = mapped_column(String(200))
     path: Mapped[str] = mapped_column(String(500))  # relative to the artifact directory
     rows: Mapped[int] = mapped_column(Integer)
@@ -131,8 +180,11 @@ class Model(Base):
     __tablename__ = "models"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(63), unique=True)
+    tenant: Mapped[str] = mapped_column(TENANT)
+    name: Mapped[str] = mapped_column(String(63))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("tenant", "name", name="uq_models_tenant_name"),)
 
 
 class ModelVersion(Base):

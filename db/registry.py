@@ -40,41 +40,47 @@ def parse_ref(ref: str) -> ModelRef:
 
 
 def create_dataset(
-    session: Session, *, dataset_id: uuid.UUID, name: str | None, path: str, rows: int, labels: list[str],
+    session: Session, *, tenant: str, dataset_id: uuid.UUID, name: str | None, path: str, rows: int, labels: list[str],
     sha256: str, size_bytes: int,
 ) -> Dataset:  # fmt: skip
     dataset = Dataset(
-        id=dataset_id, name=name, path=path, rows=rows, labels=labels, sha256=sha256,
+        id=dataset_id, tenant=tenant, name=name, path=path, rows=rows, labels=labels, sha256=sha256,
         size_bytes=size_bytes, created_at=utcnow(),
     )  # fmt: skip
     session.add(dataset)
     return dataset
 
 
-def get_dataset(session: Session, dataset_id: uuid.UUID) -> Dataset | None:
-    return session.get(Dataset, dataset_id)
+def get_dataset(session: Session, dataset_id: uuid.UUID, tenant: str) -> Dataset | None:
+    """The tenant's dataset; another tenant's is as absent as a missing one."""
+    dataset = session.get(Dataset, dataset_id)
+    return dataset if dataset is not None and dataset.tenant == tenant else None
 
 
-def list_datasets(session: Session, limit: int = 100) -> list[Dataset]:
-    return list(session.scalars(select(Dataset).order_by(Dataset.created_at.desc()).limit(limit)))
+def list_datasets(session: Session, tenant: str, limit: int = 100) -> list[Dataset]:
+    stmt = select(Dataset).where(Dataset.tenant == tenant).order_by(Dataset.created_at.desc()).limit(limit)
+    return list(session.scalars(stmt))
 
 
-def _ensure_model(session: Session, name: str) -> Model:
+def _ensure_model(session: Session, tenant: str, name: str) -> Model:
     if not NAME_RE.match(name):
         raise ValueError(f"not a model name: {name!r}")
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     session.execute(
-        insert(Model).values(name=name, created_at=utcnow()).on_conflict_do_nothing(index_elements=["name"])
+        insert(Model)
+        .values(tenant=tenant, name=name, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["tenant", "name"])
     )
     # The row lock serialises concurrent registrations of one name, so versions never collide.
-    return session.scalars(select(Model).where(Model.name == name).with_for_update()).one()
+    stmt = select(Model).where(Model.tenant == tenant, Model.name == name).with_for_update()
+    return session.scalars(stmt).one()
 
 
 def register_version(
-    session: Session, *, name: str, artifact_path: str, labels: list[str], metrics: dict[str, Any],
+    session: Session, *, tenant: str, name: str, artifact_path: str, labels: list[str], metrics: dict[str, Any],
     job_id: uuid.UUID | None,
 ) -> ModelVersion:  # fmt: skip
-    model = _ensure_model(session, name)
+    model = _ensure_model(session, tenant, name)
     latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model.id))
     version = ModelVersion(
         model_id=model.id, version=(latest or 0) + 1, artifact_path=artifact_path, labels=labels,
@@ -85,12 +91,12 @@ def register_version(
     return version
 
 
-def get_model(session: Session, name: str) -> Model | None:
-    return session.scalars(select(Model).where(Model.name == name)).one_or_none()
+def get_model(session: Session, tenant: str, name: str) -> Model | None:
+    return session.scalars(select(Model).where(Model.tenant == tenant, Model.name == name)).one_or_none()
 
 
-def list_models(session: Session) -> list[Model]:
-    return list(session.scalars(select(Model).order_by(Model.name)))
+def list_models(session: Session, tenant: str) -> list[Model]:
+    return list(session.scalars(select(Model).where(Model.tenant == tenant).order_by(Model.name)))
 
 
 def versions_of(session: Session, model: Model) -> list[ModelVersion]:
@@ -103,10 +109,10 @@ def aliases_of(session: Session, model: Model) -> dict[str, int]:
     return {a.alias: a.version for a in rows}
 
 
-def resolve(session: Session, ref: str) -> ModelVersion:
-    """The version a reference names; RegistryError if there is none."""
+def resolve(session: Session, tenant: str, ref: str) -> ModelVersion:
+    """The version a reference names in the tenant's registry; RegistryError if there is none."""
     parsed = parse_ref(ref)
-    model = get_model(session, parsed.name)
+    model = get_model(session, tenant, parsed.name)
     if model is None:
         raise RegistryError(f"no model named {parsed.name!r}")
     version = parsed.version
@@ -125,10 +131,10 @@ def resolve(session: Session, ref: str) -> ModelVersion:
     return found
 
 
-def set_alias(session: Session, name: str, alias: str, version: int) -> ModelAlias:
+def set_alias(session: Session, tenant: str, name: str, alias: str, version: int) -> ModelAlias:
     if not NAME_RE.match(alias):
         raise ValueError(f"not an alias name: {alias!r}")
-    model = get_model(session, name)
+    model = get_model(session, tenant, name)
     if model is None:
         raise RegistryError(f"no model named {name!r}")
     exists = session.scalar(

@@ -57,4 +57,5 @@ KIND = JobKind(
     model_of=lambda params: minilm.MODEL_NAME,
     run_batch=run_batch,
     batch_cost=lambda params: len(params.texts),
+    reads_tenant_data=False,  # only the shipped base model: batches mix tenants
 )

@@ -38,6 +38,9 @@ class JobKind(Generic[P, R]):
     # Training kinds whose result carries `model` (a name), `artifact_dir`, `labels` and `metrics`:
     # the worker registers that directory as the model's next version when it commits the job.
     registers_model: bool = False
+    # Whether a job reads its tenant's models or datasets. Jobs of kinds that do are batched only
+    # with the same tenant's jobs, since a model name means another model in another tenant.
+    reads_tenant_data: bool = True
     # Celery time limits in seconds: at the soft one the job fails with Timeout; at the hard one
     # the pool child is killed and the job is failed by the parent. Settings may override them.
     soft_time_limit: float | None = 300

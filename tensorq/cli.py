@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from tensorq.cli_client import register as register_client_commands
+from tensorq.keys_cli import register as register_keys
 from tensorq.logs import configure_logging
 from tensorq.retention_cli import register as register_retention
 from tensorq.settings import get_settings
@@ -149,6 +150,7 @@ def up(flower: Annotated[bool, typer.Option(help="Start Flower too")] = True) ->
 
 
 register_retention(app)
+register_keys(app)
 register_client_commands(app)
 
 

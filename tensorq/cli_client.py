@@ -304,6 +304,9 @@ def submit(
         typer.Option("--model", help="classify's model: name, name:3 or name@alias", show_default=False),
     ] = None,
     device: Annotated[Device, typer.Option(help="Require a GPU or CPU worker")] = Device.any,
+    webhook: Annotated[
+        str | None, typer.Option(help="URL to POST the finished job to (signed)", show_default=False)
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish")] = False,
     timeout: Timeout = None,
     as_json: AsJson = False,
@@ -312,7 +315,7 @@ def submit(
     """Submit a job; with --wait, wait for it and exit 1 if it fails."""
     data = read_input(input_json, input_file, text, model)
     with api(api_url) as client:
-        job = client.submit(kind, data, device=device.value)
+        job = client.submit(kind, data, device=device.value, webhook=webhook)
         if wait:
             if not as_json:
                 typer.echo(f"submitted {job['id']} ({job['kind']})", err=True)

@@ -97,6 +97,14 @@ def default_base_url() -> str:
     return f"http://{host}:{settings.api_port}"
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """`Authorization: Bearer` with `api_key`, else TENSORQ_API_KEY; none when neither is set."""
+    if api_key is None:
+        configured = get_settings().api_key
+        api_key = configured.get_secret_value() if configured else None
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def _seg(value: str) -> str:
     """One path segment: a name holding '/' or '..' must not reach another route.
 
@@ -117,8 +125,11 @@ class _Call:
     timeout: float | None = None  # None: the client's own
 
 
-def _submit_call(kind: str, input: dict[str, Any], device: Device) -> _Call:
-    return _Call("POST", "/v1/jobs", json={"kind": kind, "input": input, "device": device})
+def _submit_call(kind: str, input: dict[str, Any], device: Device, webhook: str | None) -> _Call:
+    body: dict[str, Any] = {"kind": kind, "input": input, "device": device}
+    if webhook is not None:
+        body["webhook"] = webhook
+    return _Call("POST", "/v1/jobs", json=body)
 
 
 def _submit_many_call(jobs: Sequence[tuple[str, dict[str, Any]]], device: Device) -> _Call:
@@ -217,17 +228,21 @@ def _connection_error(exc: httpx.TransportError, call: _Call, base_url: str) -> 
 
 
 class Client:
-    """Blocking client. `base_url` defaults to http://TENSORQ_API_HOST:TENSORQ_API_PORT."""
+    """Blocking client. `base_url` defaults to http://TENSORQ_API_HOST:TENSORQ_API_PORT and
+    `api_key` to TENSORQ_API_KEY."""
 
     def __init__(
         self,
         base_url: str | None = None,
         *,
+        api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = (base_url or default_base_url()).rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, transport=transport, headers=auth_headers(api_key)
+        )
 
     def __enter__(self) -> Self:
         return self
@@ -247,9 +262,11 @@ class Client:
             raise _connection_error(exc, call, self.base_url) from exc
         return _decode(response, call)
 
-    def submit(self, kind: str, input: dict[str, Any], *, device: Device = "any") -> Job:
+    def submit(
+        self, kind: str, input: dict[str, Any], *, device: Device = "any", webhook: str | None = None
+    ) -> Job:
         """Submit one job; returns the job object (status `queued`)."""
-        job: Job = self._send(_submit_call(kind, input, device))
+        job: Job = self._send(_submit_call(kind, input, device, webhook))
         return job
 
     def submit_many(
@@ -328,11 +345,14 @@ class AsyncClient:
         self,
         base_url: str | None = None,
         *,
+        api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = (base_url or default_base_url()).rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, transport=transport, headers=auth_headers(api_key)
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -352,8 +372,10 @@ class AsyncClient:
             raise _connection_error(exc, call, self.base_url) from exc
         return _decode(response, call)
 
-    async def submit(self, kind: str, input: dict[str, Any], *, device: Device = "any") -> Job:
-        job: Job = await self._send(_submit_call(kind, input, device))
+    async def submit(
+        self, kind: str, input: dict[str, Any], *, device: Device = "any", webhook: str | None = None
+    ) -> Job:
+        job: Job = await self._send(_submit_call(kind, input, device, webhook))
         return job
 
     async def submit_many(

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 
 from db.migrate import upgrade
+from db.session import session_scope
+from db.tenants import create_key, list_keys
 from tensorq.settings import Settings
 
 
@@ -92,6 +94,15 @@ def wait_ready(url: str, timeout: float) -> None:
     raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
 
 
+def create_first_key(settings: Settings) -> str | None:
+    """An admin key for tenant `default` when the database has no key yet (a first start)."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        if list_keys(session):
+            return None
+        _, key = create_key(session, "default", admin=True, label="created by tensorq up")
+        return key
+
+
 def run_embedded(settings: Settings, *, flower: bool = True) -> int:
     var_dir = Path("var")
     var_dir.mkdir(exist_ok=True)
@@ -108,6 +119,7 @@ def run_embedded(settings: Settings, *, flower: bool = True) -> int:
     try:
         print(f"tensorq: migrating {settings.database_url}", flush=True)
         upgrade(settings.sqlalchemy_url)
+        first_key = create_first_key(settings)
         redis_url = settings.redis_url
         if "redis_url" not in settings.model_fields_set:
             proc, redis_url = start_embedded_redis(settings, var_dir)
@@ -122,9 +134,16 @@ def run_embedded(settings: Settings, *, flower: bool = True) -> int:
             stack.start("flower", ["flower"], {**env, "TENSORQ_FLOWER_BASIC_AUTH": auth})
         base = f"http://{settings.api_host}:{settings.api_port}"
         wait_ready(f"{base}/readyz", timeout=120)
+        key_line = (
+            f"  API key  {first_key}  (tenant 'default', admin; shown once, keep it)\n"
+            if first_key
+            else "  API keys exist already; make another with: tensorq keys create --tenant default\n"
+        )
+        shown_key = first_key or "$TENSORQ_API_KEY"
         print(
             "\ntensorq is up.\n"
             f"  API      {base}  (docs: {base}/docs)\n"
+            + key_line
             + (
                 f"  Flower   http://127.0.0.1:{settings.flower_port}  (user:password {auth})\n"
                 if flower
@@ -132,9 +151,10 @@ def run_embedded(settings: Settings, *, flower: bool = True) -> int:
             )
             + "\nSubmit a job:\n"
             f"  curl -s -X POST {base}/v1/jobs -H 'Content-Type: application/json' \\\n"
+            f'       -H "Authorization: Bearer {shown_key}" \\\n'
             '       -d \'{"kind": "embed", "input": {"texts": ["hello world"]}}\'\n'
             "Then read it (the id is in the answer):\n"
-            f"  curl -s {base}/v1/jobs/<id>\n\nCtrl-C stops everything.",
+            f'  curl -s -H "Authorization: Bearer {shown_key}" {base}/v1/jobs/<id>\n\nCtrl-C stops everything.',
             flush=True,
         )
         while not stop:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, IPvAnyNetwork, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,6 +27,28 @@ class Settings(BaseSettings):
     # Dataset uploads (POST /v1/datasets) have their own, larger limits.
     dataset_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     dataset_max_rows: int = Field(default=200_000, ge=2)
+
+    # Per-request limits (a job's texts are also capped by its kind's schema; these may only lower them).
+    max_texts_per_job: int = Field(default=256, ge=1, le=256)
+    max_batch_jobs: int = Field(default=1000, ge=1, le=1000)
+
+    # Per-tenant quotas: jobs queued or running at once, and submissions per second (a token
+    # bucket in Redis holding up to `burst` jobs, refilled at `rate` per second). Over them: 429.
+    tenant_max_active_jobs: int = Field(default=10_000, ge=1)
+    tenant_submit_rate: float = Field(default=200.0, gt=0)
+    tenant_submit_burst: int = Field(default=2000, ge=1)
+
+    # Webhooks: destinations that resolve to private, loopback or link-local addresses are refused
+    # unless inside one of these networks (CIDR, e.g. ["10.1.0.0/16"]).
+    webhook_allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list)
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    # Retry n waits about base * 2**(n-1) seconds (jittered), at most the cap.
+    webhook_retry_base_seconds: float = Field(default=5.0, gt=0)
+    webhook_retry_cap_seconds: float = Field(default=3600.0, gt=0)
+
+    # For the client and CLI: the key sent as `Authorization: Bearer ...`.
+    api_key: SecretStr | None = None
 
     # Flower, always behind basic auth ("user:password"); `tensorq up` makes one if unset.
     flower_port: int = 5555

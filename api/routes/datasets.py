@@ -7,15 +7,22 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
+from api.auth import UNAUTHORIZED, current_principal
 from api.deps import get_session, get_settings
 from api.schemas import DatasetList, DatasetOut, ErrorOut
 from db.models import Dataset
 from db.registry import NAME, create_dataset, get_dataset, list_datasets
+from db.tenants import Principal
 from tensorq.artifacts import ArtifactStore
 from tensorq.datasets import DatasetError, parse_jsonl
 from tensorq.settings import Settings
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(
+    prefix="/v1/datasets",
+    tags=["datasets"],
+    dependencies=[Depends(current_principal)],
+    responses=UNAUTHORIZED,
+)
 
 JSONL_BODY: dict[str, Any] = {
     "requestBody": {
@@ -49,6 +56,7 @@ async def upload_dataset(
     name: str | None = Query(default=None, pattern=f"^{NAME}$", description="An optional label"),
     session: Session = Depends(get_session),
     settings: Settings = Depends(get_settings),
+    principal: Principal = Depends(current_principal),
 ) -> DatasetOut:
     data = await request.body()
     try:
@@ -62,7 +70,7 @@ async def upload_dataset(
     relpath = store.dataset_relpath(dataset_id)
     store.write_atomic(relpath, data)
     ds = create_dataset(
-        session, dataset_id=dataset_id, name=name, path=relpath, rows=len(parsed.rows), labels=parsed.labels,
+        session, tenant=principal.tenant, dataset_id=dataset_id, name=name, path=relpath, rows=len(parsed.rows), labels=parsed.labels,
         sha256=parsed.sha256, size_bytes=parsed.size_bytes,
     )  # fmt: skip
     session.commit()
@@ -72,8 +80,12 @@ async def upload_dataset(
 @router.get(
     "/{dataset_id}", response_model=DatasetOut, responses={404: {"model": ErrorOut}}, summary="Get a dataset"
 )
-def read_dataset(dataset_id: uuid.UUID, session: Session = Depends(get_session)) -> DatasetOut:
-    ds = get_dataset(session, dataset_id)
+def read_dataset(
+    dataset_id: uuid.UUID,
+    session: Session = Depends(get_session),
+    principal: Principal = Depends(current_principal),
+) -> DatasetOut:
+    ds = get_dataset(session, dataset_id, principal.tenant)
     if ds is None:
         raise HTTPException(status_code=404, detail="dataset not found")
     return dataset_out(ds)
@@ -81,6 +93,8 @@ def read_dataset(dataset_id: uuid.UUID, session: Session = Depends(get_session))
 
 @router.get("", response_model=DatasetList, summary="List datasets, newest first")
 def read_datasets(
-    limit: int = Query(default=100, ge=1, le=500), session: Session = Depends(get_session)
+    limit: int = Query(default=100, ge=1, le=500),
+    session: Session = Depends(get_session),
+    principal: Principal = Depends(current_principal),
 ) -> DatasetList:
-    return DatasetList(items=[dataset_out(d) for d in list_datasets(session, limit)])
+    return DatasetList(items=[dataset_out(d) for d in list_datasets(session, principal.tenant, limit)])

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -14,20 +15,34 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
+from api.auth import UNAUTHORIZED, current_principal
 from api.deps import get_events, get_publisher, get_session, get_settings
 from api.responses import model_response
 from api.schemas import ErrorOut, JobBatchCreate, JobBatchOut, JobCreate, JobList, JobOut
-from db.jobs import cancel_job, create_job, get_job, list_jobs, mark_unpublished
+from api.webhooks import check_url
+from db.jobs import cancel_job, count_active_jobs, create_job, get_job, list_jobs, mark_unpublished
 from db.models import Job, JobStatus
 from db.session import get_sessionmaker
+from db.tenants import Principal
 from tasks.registry import get_kind
 from tensorq.broker import Publisher, queue_for
 from tensorq.events import EventListener
+from tensorq.ratelimit import RateLimiter
 from tensorq.settings import Settings
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(current_principal)], responses=UNAUTHORIZED
+)
+
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorOut, "description": "Body too large"},
+    429: {
+        "model": ErrorOut,
+        "description": "Over the tenant's submission rate or active-job quota; see Retry-After",
+    },
+}
 
 SSE_KEEPALIVE_SECONDS = 15
 
@@ -62,7 +77,7 @@ def accept(request: Request, session: Session, publisher: Publisher, jobs: list[
     status_code=202,
     response_model=JobOut,
     responses={
-        413: {"model": ErrorOut, "description": "Body too large"},
+        **SUBMIT_RESPONSES,
         422: {"model": ErrorOut, "description": "Invalid body; `detail[].loc` names the field"},
     },
     summary="Submit a job",
@@ -73,21 +88,80 @@ def submit_job(
     session: Session = Depends(get_session),
     publisher: Publisher = Depends(get_publisher),
     settings: Settings = Depends(get_settings),
+    principal: Principal = Depends(current_principal),
 ) -> Response:
-    job = store_job(session, body, settings)
+    check_limits(request, session, settings, principal, [body], ("body",))
+    job = store_job(session, body, settings, principal)
     accept(request, session, publisher, [job])
     return model_response(JobOut.from_row(job), 202, {"Location": f"/v1/jobs/{job.id}"})
 
 
-def store_job(session: Session, body: Any, settings: Settings) -> Job:
+def check_limits(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    principal: Principal,
+    items: list[Any],
+    loc: tuple[str, ...],
+) -> None:
+    """Per-request limits (422 naming the field), then the tenant's quotas (429 with Retry-After)."""
+    errors = []
+    for i, item in enumerate(items):
+        item_loc = (*loc, i) if len(loc) > 1 else loc
+        texts = len(getattr(item.input, "texts", ()) or ())
+        if texts > settings.max_texts_per_job:
+            errors.append(
+                {
+                    "loc": (*item_loc, "input", "texts"),
+                    "msg": f"{texts} texts; this server takes at most {settings.max_texts_per_job} per job",
+                    "type": "too_long",
+                }
+            )
+        if item.webhook is not None and (
+            problem := check_url(str(item.webhook), settings.webhook_allowed_networks)
+        ):
+            errors.append(
+                {"loc": (*item_loc, "webhook"), "msg": f"webhook URL {problem}", "type": "value_error"}
+            )
+    if len(items) > settings.max_batch_jobs:
+        errors.append(
+            {"loc": loc, "msg": f"at most {settings.max_batch_jobs} jobs per request", "type": "too_long"}
+        )
+    if errors:
+        raise RequestValidationError(errors)
+    active = count_active_jobs(session, principal.tenant)
+    if active + len(items) > settings.tenant_max_active_jobs:
+        raise HTTPException(
+            status_code=429,
+            detail=f"tenant {principal.tenant!r} has {active} jobs queued or running; "
+            f"the quota is {settings.tenant_max_active_jobs}",
+            headers={"Retry-After": "5"},
+        )
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait = limiter.acquire(principal.tenant, len(items))
+    if wait > 0:
+        if math.isinf(wait):
+            detail = f"{len(items)} jobs exceed the tenant's burst of {limiter.burst}; send fewer per request"
+        else:
+            detail = f"over the tenant's submission rate of {limiter.rate:g} jobs/s"
+        raise HTTPException(
+            status_code=429,
+            detail=detail,
+            headers={"Retry-After": str(max(1, math.ceil(wait)) if not math.isinf(wait) else 60)},
+        )
+
+
+def store_job(session: Session, body: Any, settings: Settings, principal: Principal) -> Job:
     kind = get_kind(body.kind)
     return create_job(
         session,
+        tenant=principal.tenant,
         kind=kind.name,
         params=body.input.model_dump(mode="json"),
         queue=queue_for(kind.category, body.device),
         max_attempts=settings.max_attempts,
         model=kind.model_of(body.input),
+        webhook_url=None if body.webhook is None else str(body.webhook),
     )
 
 
@@ -96,7 +170,7 @@ def store_job(session: Session, body: Any, settings: Settings) -> Job:
     status_code=202,
     response_model=JobBatchOut,
     responses={
-        413: {"model": ErrorOut, "description": "Body too large"},
+        **SUBMIT_RESPONSES,
         422: {"model": ErrorOut, "description": "Invalid item; `detail[].loc` names its index and field"},
     },
     summary="Submit many jobs in one request, stored in one transaction",
@@ -107,8 +181,10 @@ def submit_jobs(
     session: Session = Depends(get_session),
     publisher: Publisher = Depends(get_publisher),
     settings: Settings = Depends(get_settings),
+    principal: Principal = Depends(current_principal),
 ) -> Response:
-    jobs = [store_job(session, item, settings) for item in body.jobs]
+    check_limits(request, session, settings, principal, body.jobs, ("body", "jobs"))
+    jobs = [store_job(session, item, settings, principal) for item in body.jobs]
     accept(request, session, publisher, jobs)
     return model_response(JobBatchOut(ids=[job.id for job in jobs]), 202)
 
@@ -123,10 +199,11 @@ async def read_job(
     ),
     session: Session = Depends(get_session),
     events: EventListener = Depends(get_events),
+    principal: Principal = Depends(current_principal),
 ) -> Response:
     def load() -> Job | None:
         session.rollback()  # a fresh snapshot on every read (SQLite keeps one per transaction)
-        return get_job(session, job_id)
+        return get_job(session, job_id, principal.tenant)
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
@@ -163,14 +240,17 @@ async def read_job(
     summary="Stream a job's changes (Server-Sent Events)",
 )
 async def job_events(
-    request: Request, job_id: uuid.UUID, events: EventListener = Depends(get_events)
+    request: Request,
+    job_id: uuid.UUID,
+    events: EventListener = Depends(get_events),
+    principal: Principal = Depends(current_principal),
 ) -> StreamingResponse:
     # Its own session: a streamed response outlives the request's injected one.
     sessions = get_sessionmaker(request.app.state.settings.sqlalchemy_url)
 
     def load() -> Job | None:
         with sessions() as session:
-            return get_job(session, job_id)
+            return get_job(session, job_id, principal.tenant)
 
     if await run_in_threadpool(load) is None:
         raise HTTPException(status_code=404, detail="job not found")
@@ -205,9 +285,12 @@ def read_jobs(
     limit: int = Query(default=50, ge=1, le=200),
     cursor: str | None = Query(default=None, max_length=200, description="next_cursor of the previous page"),
     session: Session = Depends(get_session),
+    principal: Principal = Depends(current_principal),
 ) -> Response:
     try:
-        jobs, next_cursor = list_jobs(session, status=status, kind=kind, limit=limit, cursor=cursor)
+        jobs, next_cursor = list_jobs(
+            session, tenant=principal.tenant, status=status, kind=kind, limit=limit, cursor=cursor
+        )
     except ValueError:
         raise RequestValidationError(
             [{"loc": ("query", "cursor"), "msg": "malformed cursor", "type": "value_error"}]
@@ -221,13 +304,18 @@ def read_jobs(
     responses={**NOT_FOUND, 409: {"model": ErrorOut, "description": "The job already finished"}},
     summary="Cancel a job: at once if queued, at its next check if running",
 )
-def cancel(request: Request, job_id: uuid.UUID, session: Session = Depends(get_session)) -> JobOut:
-    job = cancel_job(session, job_id)
+def cancel(
+    request: Request,
+    job_id: uuid.UUID,
+    session: Session = Depends(get_session),
+    principal: Principal = Depends(current_principal),
+) -> JobOut:
+    job = cancel_job(session, job_id, principal.tenant)
     session.commit()
-    # Wake long-polls and event streams on every API replica (a queued job just became final).
-    request.app.state.event_publisher.changed([job_id])
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
+    # Wake long-polls and event streams on every API replica (a queued job just became final).
+    request.app.state.event_publisher.changed([job_id])
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise HTTPException(status_code=409, detail=f"job already {job.status.value}")
     return JobOut.from_row(job)

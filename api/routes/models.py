@@ -5,12 +5,16 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Path
 from sqlalchemy.orm import Session
 
+from api.auth import UNAUTHORIZED, current_principal
 from api.deps import get_session
 from api.schemas import AliasIn, AliasOut, ErrorOut, ModelList, ModelOut, ModelVersionOut
 from db.models import Model
 from db.registry import NAME, RegistryError, aliases_of, get_model, list_models, set_alias, versions_of
+from db.tenants import Principal
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(
+    prefix="/v1/models", tags=["models"], dependencies=[Depends(current_principal)], responses=UNAUTHORIZED
+)
 
 
 def name_param() -> Any:
@@ -40,15 +44,21 @@ def model_out(session: Session, model: Model) -> ModelOut:
 
 
 @router.get("", response_model=ModelList, summary="Registered models")
-def read_models(session: Session = Depends(get_session)) -> ModelList:
-    return ModelList(items=[model_out(session, m) for m in list_models(session)])
+def read_models(
+    session: Session = Depends(get_session), principal: Principal = Depends(current_principal)
+) -> ModelList:
+    return ModelList(items=[model_out(session, m) for m in list_models(session, principal.tenant)])
 
 
 @router.get(
     "/{name}", response_model=ModelOut, responses={404: {"model": ErrorOut}}, summary="A model's versions"
 )
-def read_model(name: str = name_param(), session: Session = Depends(get_session)) -> ModelOut:
-    model = get_model(session, name)
+def read_model(
+    name: str = name_param(),
+    session: Session = Depends(get_session),
+    principal: Principal = Depends(current_principal),
+) -> ModelOut:
+    model = get_model(session, principal.tenant, name)
     if model is None:
         raise HTTPException(status_code=404, detail="model not found")
     return model_out(session, model)
@@ -65,9 +75,10 @@ def move_alias(
     name: str = name_param(),
     alias: str = name_param(),
     session: Session = Depends(get_session),
+    principal: Principal = Depends(current_principal),
 ) -> AliasOut:
     try:
-        row = set_alias(session, name, alias, body.version)
+        row = set_alias(session, principal.tenant, name, alias, body.version)
     except RegistryError as exc:
         raise HTTPException(status_code=404, detail=str(exc)) from None
     session.commit()

@@ -79,7 +79,12 @@ def test_sigterm_lets_the_worker_finish_its_job_and_the_api_drain(
 
         def long_poll() -> None:
             answers.append(
-                httpx.get(f"{svc.base_url}/v1/jobs/{later['id']}", params={"wait": 3}, timeout=30).status_code
+                httpx.get(
+                    f"{svc.base_url}/v1/jobs/{later['id']}",
+                    params={"wait": 3},
+                    headers={"Authorization": f"Bearer {svc.api_key}"},
+                    timeout=30,
+                ).status_code
             )
 
         poller = threading.Thread(target=long_poll)

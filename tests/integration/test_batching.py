@@ -17,7 +17,7 @@ from tasks.embed import EmbedParams, run
 from tensorq.broker import Publisher
 from tensorq.settings import Settings
 from tests.conftest import Service
-from tests.helpers import wait_job
+from tests.helpers import tenant_of, wait_job
 from worker.model_cache import ModelCache
 
 pytestmark = pytest.mark.integration
@@ -59,10 +59,10 @@ def test_a_bad_job_in_a_batch_fails_alone(client: httpx.Client, service: Service
     bad_id = uuid.uuid4()
     with psycopg.connect(pg_url) as conn:
         conn.execute(
-            "INSERT INTO jobs (id, kind, model, queue, status, params, attempts, max_attempts, cancel_requested,"
-            " created_at, updated_at) VALUES (%s, 'embed', 'all-MiniLM-L6-v2', 'inference', 'queued', %s, 0, 3,"
-            " false, now(), now())",
-            (bad_id, json.dumps({"texts": "not a list"})),
+            "INSERT INTO jobs (id, tenant, kind, model, queue, status, params, attempts, max_attempts,"
+            " cancel_requested, created_at, updated_at, webhook_attempts) VALUES (%s, %s, 'embed',"
+            " 'all-MiniLM-L6-v2', 'inference', 'queued', %s, 0, 3, false, now(), now(), 0)",
+            (bad_id, tenant_of(client), json.dumps({"texts": "not a list"})),
         )
     good = [{"kind": "embed", "input": {"texts": [f"good {i}"]}} for i in range(10)]
     ids = client.post("/v1/jobs:batch", json={"jobs": good}).json()["ids"]

@@ -26,6 +26,7 @@ from tensorq.cli_client import (
     register,
 )
 from tensorq.client import AsyncClient, Client, TensorqConnectionError, TensorqError, WaitTimeout
+from tensorq.settings import get_settings
 from tests.conftest import Service
 from tests.helpers import free_port, wait_until
 
@@ -37,7 +38,7 @@ ROWS = b"\n".join(sample_dataset_path().read_bytes().splitlines()[:20]) + b"\n"
 
 @pytest.fixture
 def tq(service: Service) -> Iterator[Client]:
-    with Client(service.base_url) as client:
+    with Client(service.base_url, api_key=service.api_key) as client:
         yield client
 
 
@@ -46,7 +47,12 @@ def cli(service: Service | None, *args: str) -> Result:
     app = typer.Typer()
     register(app)
     url = ["--api-url", service.base_url] if service is not None else []
-    return CliRunner().invoke(app, [*args, *url])
+    env = {"TENSORQ_API_KEY": service.api_key} if service is not None else {}
+    get_settings.cache_clear()  # the key comes from the environment, as for a user
+    try:
+        return CliRunner().invoke(app, [*args, *url], env=env)
+    finally:
+        get_settings.cache_clear()
 
 
 def cli_json(service: Service, *args: str, code: int = EXIT_OK) -> Any:
@@ -107,7 +113,7 @@ def test_errors_carry_status_and_detail(tq: Client) -> None:
 
 def test_async_client(service: Service) -> None:
     async def main() -> None:
-        async with AsyncClient(service.base_url) as tq:
+        async with AsyncClient(service.base_url, api_key=service.api_key) as tq:
             job = await tq.submit("embed", {"texts": ["async hello"]}, device="cpu")
             seen: list[str] = []
 

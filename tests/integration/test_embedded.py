@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, responds, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,24 +40,33 @@ def test_tensorq_up_runs_a_job_on_sqlite_and_embedded_redis(tmp_path: Path) -> N
         assert up.poll() is None, output()
         # Flower is up against the same broker and refuses anonymous access.
         flower = f"http://127.0.0.1:{flower_port}"
-        wait_until(lambda: _responds(f"{flower}/api/workers"), timeout=60, what="flower")
+        wait_until(lambda: responds(f"{flower}/api/workers"), timeout=60, what="flower")
         assert httpx.get(f"{flower}/api/workers", timeout=10).status_code == 401
         auth = re.search(r"user:password (\S+?):(\S+)\)", output())
         assert auth, output()
         user, password = auth.groups()
 
+        # A first admin key was made and printed; without it the API refuses work.
+        key_match = re.search(r"API key  (tq_\S+)", output())
+        assert key_match, output()
+        key = key_match[1]
         # The printed curl line works as printed.
-        curl = re.search(r"curl -s -X POST (\S+) -H '([^']+)' \\\n\s+-d '([^']+)'", output())
+        curl = re.search(
+            r"curl -s -X POST (\S+) -H '([^']+)' \\\n\s+-H \"([^\"]+)\" \\\n\s+-d '([^']+)'", output()
+        )
         assert curl, output()
-        url, header, body = curl.groups()
-        name, value = header.split(": ")
-        r = httpx.post(url, headers={name: value}, content=body, timeout=10)
+        url, header, auth_header, body = curl.groups()
+        headers = dict(h.split(": ", 1) for h in (header, auth_header))
+        assert headers["Authorization"] == f"Bearer {key}"
+        refused = httpx.post(url, headers={"Content-Type": "application/json"}, content=body, timeout=10)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        r = httpx.post(url, headers=headers, content=body, timeout=10)
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
         job_url = f"http://127.0.0.1:{api_port}{r.headers['location']}"
 
         def finished() -> dict[str, object] | None:
-            job: dict[str, object] = httpx.get(job_url, timeout=10).json()
+            job: dict[str, object] = httpx.get(job_url, headers=headers, timeout=10).json()
             return job if job["status"] in ("succeeded", "failed") else None
 
         job = wait_until(finished, timeout=120, interval=0.2, what="embedded job")
@@ -78,12 +87,18 @@ def test_tensorq_up_runs_a_job_on_sqlite_and_embedded_redis(tmp_path: Path) -> N
 
         task = wait_until(flower_task, timeout=30, what="the task in Flower")
         assert task["name"] == "tensorq.embed"
+        # The task's arguments are the job id alone: no key, no input, in Flower or in the broker.
+        assert task["args"] in (f"['{job_id}']", f"('{job_id}',)"), task["args"]
+        assert key not in httpx.get(f"{flower}/api/tasks", auth=(user, password), timeout=10).text
     finally:
         up.terminate()
         up.wait(timeout=60)
         log.close()
     # Stopping `tensorq up` stops what it started, its redis-server included.
     assert up.returncode == 0, output()
+    # The key appears only in the banner
+    # (the "API key" line and the two curl examples), never in what the services logged.
+    assert output().count(key) == 3, output()
     assert not _listening(redis_port) and not _listening(api_port)
 
 
@@ -92,11 +107,3 @@ def _listening(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _responds(url: str) -> bool:
-    try:
-        httpx.get(url, timeout=2)
-        return True
-    except httpx.HTTPError:
-        return False

@@ -10,18 +10,20 @@ import httpx
 import psycopg
 import pytest
 
+from tests.helpers import tenant_of
+
 pytestmark = pytest.mark.integration
 
 
-def insert_unpublished_job(pg_url: str) -> str:
+def insert_unpublished_job(pg_url: str, tenant: str) -> str:
     """A queued job whose message is 'in flight' (published_at = now): nothing will run it soon."""
     job_id = uuid.uuid4()
     with psycopg.connect(pg_url) as conn:
         conn.execute(
-            "INSERT INTO jobs (id, kind, model, queue, status, params, attempts, max_attempts,"
-            " cancel_requested, created_at, updated_at, published_at) VALUES (%s, 'embed',"
-            " 'all-MiniLM-L6-v2', 'inference', 'queued', '{\"texts\": [\"x\"]}', 0, 3, false, now(), now(), now())",
-            (job_id,),
+            "INSERT INTO jobs (id, tenant, kind, model, queue, status, params, attempts, max_attempts,"
+            " cancel_requested, created_at, updated_at, published_at, webhook_attempts) VALUES (%s, %s, 'embed',"
+            " 'all-MiniLM-L6-v2', 'inference', 'queued', '{\"texts\": [\"x\"]}', 0, 3, false, now(), now(), now(), 0)",
+            (job_id, tenant),
         )
     return str(job_id)
 
@@ -40,7 +42,7 @@ def test_wait_returns_on_each_change_without_polling(client: httpx.Client) -> No
 
 
 def test_wait_times_out_with_the_unchanged_job(client: httpx.Client, pg_url: str) -> None:
-    job_id = insert_unpublished_job(pg_url)
+    job_id = insert_unpublished_job(pg_url, tenant_of(client))
     start = time.monotonic()
     job = client.get(f"/v1/jobs/{job_id}", params={"wait": 1}).json()
     elapsed = time.monotonic() - start
@@ -70,7 +72,7 @@ def test_wait_until_finished_answers_once(client: httpx.Client) -> None:
 
 def test_events_stream_each_change_and_end_with_the_final_state(client: httpx.Client, pg_url: str) -> None:
     # A job that waits until we let it go, so the stream must show it queued first.
-    job_id = insert_unpublished_job(pg_url)
+    job_id = insert_unpublished_job(pg_url, tenant_of(client))
     statuses: list[str] = []
     with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=60) as response:
         assert response.status_code == 200

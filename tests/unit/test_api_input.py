@@ -13,13 +13,16 @@ from db.models import Job
 from db.session import get_sessionmaker
 from tasks.texts import MAX_TEXTS
 from tensorq.settings import Settings
+from tests.helpers import create_api_key
 
 
 @pytest.fixture
 def api(sqlite_url: str) -> Iterator[TestClient]:
     # An unreachable broker: no valid path below may depend on it, and nothing invalid reaches it.
     settings = Settings(database_url=sqlite_url, redis_url="redis://127.0.0.1:1/0", max_body_bytes=64 * 1024)
-    with TestClient(create_app(settings, run_sweeper=False), raise_server_exceptions=False) as client:
+    app = create_app(settings, run_sweeper=False)
+    key = create_api_key(sqlite_url, "unit")
+    with TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {key}"}) as client:
         client.sqlite_url = sqlite_url  # type: ignore[attr-defined]
         yield client
 

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 from api.app import create_app
 from db.migrate import upgrade
 from tensorq.settings import Settings
+from tests.helpers import create_api_key
 
 _tmp = Path(tempfile.mkdtemp(prefix="tensorq-fuzz-"))
 _url = f"sqlite:///{_tmp / 'fuzz.db'}"
@@ -36,9 +37,13 @@ def ndjson(ctx: object, value: object) -> bytes:
     return str(value).encode("utf-8", "surrogatepass")
 
 
+AUTH: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def running_app() -> Iterator[None]:
     upgrade(_url)
+    AUTH["Authorization"] = f"Bearer {create_api_key(_url, 'fuzz', admin=True)}"
     with TestClient(app):  # runs the lifespan: publisher and event listener
         yield
 
@@ -46,7 +51,7 @@ def running_app() -> Iterator[None]:
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_never_answers_5xx_and_errors_are_json(case: schemathesis.Case) -> None:
-    response = case.call()
+    response = case.call(headers=AUTH)
     assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:500])
     if 400 <= response.status_code < 500:
         ctype = response.headers.get("content-type") or [""]

@@ -53,10 +53,12 @@ def finished_job(
     params: dict[str, Any] | None = None,
 ) -> uuid.UUID:
     """A job taken through the state machine to `status`, its finished_at moved `age` into the past."""
-    job = create_job(session, kind=kind, params=params or {"texts": ["a"]}, queue="inference", max_attempts=3)
+    job = create_job(
+        session, tenant="t", kind=kind, params=params or {"texts": ["a"]}, queue="inference", max_attempts=3
+    )
     session.commit()
     if status == JobStatus.CANCELLED:
-        cancel_job(session, job.id)
+        cancel_job(session, job.id, "t")
     else:
         claimed = claim_job(session, job.id, worker="w@host", device="cpu", lease_seconds=60)
         assert claimed is not None and claimed.claim_token is not None
@@ -72,7 +74,12 @@ def finished_job(
 
 def unfinished_job(session: Session, *, running: bool, params: dict[str, Any] | None = None) -> uuid.UUID:
     job = create_job(
-        session, kind="train-text-classifier", params=params or {}, queue="training", max_attempts=3
+        session,
+        tenant="t",
+        kind="train-text-classifier",
+        params=params or {},
+        queue="training",
+        max_attempts=3,
     )
     session.commit()
     if running:
@@ -93,7 +100,8 @@ def dataset(session: Session, store: ArtifactStore, *, age: timedelta, data: byt
     relpath = store.dataset_relpath(dataset_id)
     store.write_atomic(relpath, data)
     create_dataset(
-        session, dataset_id=dataset_id, name=None, path=relpath, rows=2, labels=["neg", "pos"],
+        session,
+        tenant="t", dataset_id=dataset_id, name=None, path=relpath, rows=2, labels=["neg", "pos"],
         sha256="0" * 64, size_bytes=len(data),
     )  # fmt: skip
     session.flush()
@@ -128,7 +136,8 @@ def build_world(session: Session, store: ArtifactStore, model: str = "sentiment"
     # Version 1 lives in a recent job's directory; version 2 in an old one's, which must stay.
     job_files(store, recent_ok, {"model/model.safetensors": b"m" * 10})
     register_version(
-        session, name=model, artifact_path=f"jobs/{recent_ok}/model", labels=["neg", "pos"], metrics={},
+        session,
+        tenant="t", name=model, artifact_path=f"jobs/{recent_ok}/model", labels=["neg", "pos"], metrics={},
         job_id=recent_ok,
     )  # fmt: skip
     session.commit()
@@ -137,7 +146,8 @@ def build_world(session: Session, store: ArtifactStore, model: str = "sentiment"
     )
     job_files(store, old_trained, {"model/model.safetensors": b"w" * 2000})
     version = register_version(
-        session, name=model, artifact_path=f"jobs/{old_trained}/model", labels=["neg", "pos"], metrics={},
+        session,
+        tenant="t", name=model, artifact_path=f"jobs/{old_trained}/model", labels=["neg", "pos"], metrics={},
         job_id=old_trained,
     )  # fmt: skip
     session.commit()

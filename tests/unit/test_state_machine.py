@@ -35,7 +35,7 @@ def session(sqlite_url: str) -> Session:
 
 def new_job(session: Session, max_attempts: int = 3, kind: str = "embed") -> uuid.UUID:
     job = create_job(
-        session, kind=kind, params={"texts": ["a"]}, queue="inference", max_attempts=max_attempts
+        session, tenant="t", kind=kind, params={"texts": ["a"]}, queue="inference", max_attempts=max_attempts
     )
     session.commit()
     return job.id
@@ -112,7 +112,7 @@ def test_heartbeat_extends_lease_and_reports_cancel(session: Session) -> None:
     session.commit()
     time.sleep(0.3)
     assert claim(session, job_id) is None  # lease was extended
-    cancel_job(session, job_id)
+    cancel_job(session, job_id, "t")
     session.commit()
     assert extend_leases(session, [(job_id, token)], lease_seconds=60) == {job_id}
 
@@ -139,14 +139,14 @@ def test_reaper_requeues_then_fails_after_max_attempts(session: Session) -> None
 
 def test_cancel_queued_at_once_running_on_request(session: Session) -> None:
     queued = new_job(session)
-    job = cancel_job(session, queued)
+    job = cancel_job(session, queued, "t")
     session.commit()
     assert job is not None and job.status == JobStatus.CANCELLED and job.finished_at is not None
     assert claim(session, queued) is None
 
     running = new_job(session)
     token = claim(session, running)
-    job = cancel_job(session, running)
+    job = cancel_job(session, running, "t")
     session.commit()
     assert job is not None and job.status == JobStatus.RUNNING and job.cancel_requested
     assert token is not None
@@ -170,21 +170,21 @@ def test_keyset_pagination_walks_every_job_once_newest_first(session: Session) -
     seen: list[uuid.UUID] = []
     cursor = None
     while True:
-        page, cursor = list_jobs(session, limit=7, cursor=cursor)
+        page, cursor = list_jobs(session, tenant="t", limit=7, cursor=cursor)
         seen += [j.id for j in page]
         if cursor is None:
             break
     assert seen == list(reversed(ids))
-    embeds, _ = list_jobs(session, kind="embed", limit=100)
+    embeds, _ = list_jobs(session, tenant="t", kind="embed", limit=100)
     assert [j.id for j in embeds] == [i for n, i in reversed(list(enumerate(ids))) if n % 2]
     claim(session, ids[0])
-    running, _ = list_jobs(session, status=JobStatus.RUNNING)
+    running, _ = list_jobs(session, tenant="t", status=JobStatus.RUNNING)
     assert [j.id for j in running] == [ids[0]]
 
 
 def test_malformed_cursor_is_a_value_error(session: Session) -> None:
     with pytest.raises(ValueError):
-        list_jobs(session, cursor="not-a-cursor")
+        list_jobs(session, tenant="t", cursor="not-a-cursor")
 
 
 def test_transient_failure_releases_the_job_then_fails_when_out_of_attempts(session: Session) -> None:
@@ -229,7 +229,7 @@ def test_transient_errors_are_told_from_permanent_ones() -> None:
 
 def test_batch_claim_takes_only_jobs_of_the_same_kind_model_and_queue(session: Session) -> None:
     def job(queue: str, kind: str = "embed", model: str = "m") -> uuid.UUID:
-        row = create_job(session, kind=kind, params={}, queue=queue, max_attempts=3, model=model)
+        row = create_job(session, tenant="t", kind=kind, params={}, queue=queue, max_attempts=3, model=model)
         session.commit()
         return row.id
 

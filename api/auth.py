@@ -1,0 +1,50 @@
+"""Bearer API keys: every /v1 route depends on `current_principal`, which names the caller's tenant."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from api.deps import get_session
+from api.schemas import ErrorOut
+from db.tenants import Principal, authenticate
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key from `tensorq keys create`, sent as `Authorization: Bearer tq_...`.",
+)
+
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "Missing, unknown or revoked API key"}
+}
+
+
+def current_principal(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    session: Session = Depends(get_session),
+) -> Principal:
+    if credentials is None:
+        raise HTTPException(
+            status_code=401, detail="missing API key (Authorization: Bearer <key>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )  # fmt: skip
+    principal = authenticate(session, credentials.credentials)
+    if principal is None:
+        raise HTTPException(
+            status_code=401, detail="unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+    request.state.tenant = principal.tenant
+    return principal
+
+
+def admin_principal(principal: Principal = Depends(current_principal)) -> Principal:
+    if not principal.admin:
+        raise HTTPException(
+            status_code=403, detail="this route needs an admin key (tensorq keys create --admin)"
+        )
+    return principal

@@ -1,0 +1,268 @@
+"""Keys, limits, webhook destinations and signatures, in-process on SQLite (and the real Redis for rates)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from api.app import create_app
+from api.webhooks import UnsafeDestination, check_url, resolve_destination, sign, verify_signature
+from db.migrate import upgrade
+from db.models import ApiKey, Job
+from db.session import get_sessionmaker, session_scope
+from db.tenants import authenticate, create_key, hash_key, revoke_key
+from tensorq.artifacts import ArtifactStore, UnsafePath
+from tensorq.broker import celery_config
+from tensorq.settings import Settings
+from tests.helpers import create_api_key
+
+REDIS_URL = os.environ.get("TENSORQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+EMBED = {"kind": "embed", "input": {"texts": ["a"]}}
+LOOPBACK = [ipaddress.ip_network("127.0.0.0/8")]
+
+
+def make_api(sqlite_url: str, **settings: Any) -> TestClient:
+    options: dict[str, Any] = {"database_url": sqlite_url, "redis_url": "redis://127.0.0.1:1/0", **settings}
+    return TestClient(create_app(Settings(**options), run_sweeper=False), raise_server_exceptions=False)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def job_count(url: str) -> int:
+    with get_sessionmaker(url)() as s:
+        return s.scalar(select(func.count()).select_from(Job)) or 0
+
+
+@pytest.fixture
+def api(sqlite_url: str) -> Iterator[TestClient]:
+    with make_api(sqlite_url) as client:
+        yield client
+
+
+def test_only_the_hash_of_a_key_is_stored_and_revocation_is_immediate(sqlite_url: str) -> None:
+    with session_scope(sqlite_url) as session:
+        row, key = create_key(session, "acme")
+    assert key.startswith("tq_") and len(key) >= 40
+    raw = sqlite3.connect(sqlite_url.removeprefix("sqlite:///")).execute("select * from api_keys").fetchall()
+    assert key not in repr(raw) and hash_key(key) in repr(raw)
+    with session_scope(sqlite_url) as session:
+        assert authenticate(session, key) is not None
+        assert authenticate(session, key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+        revoke_key(session, session.get(ApiKey, row.id))  # type: ignore[arg-type]
+    with session_scope(sqlite_url) as session:
+        assert authenticate(session, key) is None
+
+
+def test_every_v1_route_demands_a_key_and_health_does_not(api: TestClient, sqlite_url: str) -> None:
+    paths = api.get("/openapi.json").json()["paths"]
+    v1 = [(method.upper(), path) for path, ops in paths.items() if path.startswith("/v1") for method in ops]
+    assert len(v1) >= 15
+    fill = {"job_id": "6a1b8ad2-9f3e-4f4e-9b8e-0c6f0c1d2e3f", "dataset_id": "6a1b8ad2-9f3e-4f4e-9b8e-0c6f0c1d2e3f",
+            "key_id": "6a1b8ad2-9f3e-4f4e-9b8e-0c6f0c1d2e3f", "name": "m", "alias": "prod"}  # fmt: skip
+    for method, template in v1:
+        path = template.format(**fill)
+        for headers in ({}, bearer("tq_not-a-key"), {"Authorization": "Basic dXNlcjpwYXNz"}):
+            r = api.request(method, path, headers=headers, json=EMBED)
+            assert r.status_code == 401, (method, path, headers, r.status_code, r.text)
+            assert r.headers["www-authenticate"] == "Bearer" and "detail" in r.json()
+    assert job_count(sqlite_url) == 0
+    assert api.get("/healthz").status_code == 200
+
+
+def test_a_revoked_key_is_refused_on_the_next_request(api: TestClient, sqlite_url: str) -> None:
+    with session_scope(sqlite_url) as session:
+        row, key = create_key(session, "acme")
+    assert api.get("/v1/jobs", headers=bearer(key)).status_code == 200
+    with session_scope(sqlite_url) as session:
+        revoke_key(session, session.get(ApiKey, row.id))  # type: ignore[arg-type]
+    assert api.get("/v1/jobs", headers=bearer(key)).status_code == 401
+
+
+def test_admin_routes_need_an_admin_key_and_stay_in_the_tenant(api: TestClient, sqlite_url: str) -> None:
+    user = create_api_key(sqlite_url, "acme")
+    admin = create_api_key(sqlite_url, "acme", admin=True)
+    other_admin = create_api_key(sqlite_url, "globex", admin=True)
+    assert api.get("/v1/keys", headers=bearer(user)).status_code == 403
+    assert api.get("/v1/webhook-secret", headers=bearer(user)).status_code == 403
+    assert api.get("/v1/whoami", headers=bearer(user)).json()["tenant"] == "acme"
+
+    made = api.post("/v1/keys", headers=bearer(admin), json={"label": "ci"})
+    assert made.status_code == 201 and made.json()["key"].startswith("tq_")
+    new_key = made.json()["key"]
+    listed = api.get("/v1/keys", headers=bearer(admin)).json()["items"]
+    assert {k["tenant"] for k in listed} == {"acme"} and len(listed) == 3
+    assert new_key not in json.dumps(listed)  # listings never show keys
+
+    # Another tenant's admin cannot see or revoke acme's keys: 404, as for a key that does not exist.
+    assert api.post(f"/v1/keys/{made.json()['id']}/revoke", headers=bearer(other_admin)).status_code == 404
+    assert api.get("/v1/jobs", headers=bearer(new_key)).status_code == 200
+    assert api.post(f"/v1/keys/{made.json()['id']}/revoke", headers=bearer(admin)).status_code == 200
+    assert api.get("/v1/jobs", headers=bearer(new_key)).status_code == 401
+
+    first = api.get("/v1/webhook-secret", headers=bearer(admin)).json()["webhook_secret"]
+    rotated = api.post("/v1/webhook-secret:rotate", headers=bearer(admin)).json()["webhook_secret"]
+    assert first != rotated and first.startswith("whsec_")
+    assert api.get("/v1/webhook-secret", headers=bearer(other_admin)).json()["webhook_secret"] not in (
+        first,
+        rotated,
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/hook",
+        "http://localhost/hook",
+        "http://api.localhost/hook",
+        "http://10.0.0.5/hook",
+        "http://192.168.1.10/hook",
+        "http://172.16.0.1/hook",
+        "http://169.254.169.254/latest/meta-data/",  # cloud metadata
+        "http://[::1]/hook",
+        "http://[fe80::1]/hook",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://0.0.0.0/hook",
+        "http://100.64.0.1/hook",
+        "http://user:secret@example.com/hook",
+    ],
+)
+def test_private_destinations_are_refused_at_submission(api: TestClient, sqlite_url: str, url: str) -> None:
+    key = create_api_key(sqlite_url, "acme")
+    r = api.post("/v1/jobs", headers=bearer(key), json={**EMBED, "webhook": url})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "webhook"]
+    batch = api.post("/v1/jobs:batch", headers=bearer(key), json={"jobs": [EMBED, {**EMBED, "webhook": url}]})
+    assert batch.status_code == 422 and batch.json()["detail"][0]["loc"] == ["body", "jobs", 1, "webhook"]
+    assert job_count(sqlite_url) == 0
+
+
+def test_url_checks_and_the_allowlist() -> None:
+    assert check_url("https://hooks.example.com/x?token=1", []) is None
+    assert check_url("ftp://example.com/x", []) is not None
+    assert check_url("http://127.0.0.1:9/x", LOOPBACK) is None
+    assert check_url("http://10.0.0.1/x", LOOPBACK) is not None
+    # Names are resolved at delivery, and the request goes to the checked address.
+    url, host, sni = resolve_destination("http://localhost:8123/cb?x=1", LOOPBACK)
+    assert url in ("http://127.0.0.1:8123/cb?x=1", "http://[::1]:8123/cb?x=1") and host == "localhost:8123"
+    assert sni == "localhost"
+    with pytest.raises(UnsafeDestination):
+        resolve_destination("http://localhost:8123/cb", [])
+
+
+def test_signatures_verify_only_the_signed_body_and_a_fresh_timestamp() -> None:
+    body = b'{"id": "x", "status": "succeeded"}'
+    header = sign("whsec_abc", body, 1_700_000_000)
+    expected = hmac.new(b"whsec_abc", b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert header == f"t=1700000000,v1={expected}"
+    assert verify_signature("whsec_abc", body, header, now=1_700_000_100)
+    assert not verify_signature("whsec_abc", body + b" ", header, now=1_700_000_100)
+    assert not verify_signature("whsec_other", body, header, now=1_700_000_100)
+    assert not verify_signature("whsec_abc", body, header, now=1_700_001_000)  # replayed later
+    assert not verify_signature("whsec_abc", body, "garbage", now=1_700_000_100)
+
+
+def test_per_request_limits_are_settings_and_name_the_field(sqlite_url: str) -> None:
+    key = create_api_key(sqlite_url, "acme")
+    with make_api(sqlite_url, max_texts_per_job=3, max_batch_jobs=2) as api:
+        r = api.post("/v1/jobs", headers=bearer(key), json={"kind": "embed", "input": {"texts": ["a"] * 4}})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "input", "texts"]
+        r = api.post("/v1/jobs:batch", headers=bearer(key), json={"jobs": [EMBED] * 3})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "jobs"]
+        assert api.post("/v1/jobs:batch", headers=bearer(key), json={"jobs": [EMBED] * 2}).status_code == 202
+    with make_api(sqlite_url, max_body_bytes=2048) as api:
+        big = {"kind": "embed", "input": {"texts": ["x" * 3000]}}
+        assert api.post("/v1/jobs", headers=bearer(key), json=big).status_code == 413
+    assert job_count(sqlite_url) == 2
+
+
+def test_the_active_job_quota_is_per_tenant(sqlite_url: str) -> None:
+    acme, globex = create_api_key(sqlite_url, "acme"), create_api_key(sqlite_url, "globex")
+    with make_api(sqlite_url, tenant_max_active_jobs=3) as api:
+        assert api.post("/v1/jobs:batch", headers=bearer(acme), json={"jobs": [EMBED] * 2}).status_code == 202
+        over = api.post("/v1/jobs:batch", headers=bearer(acme), json={"jobs": [EMBED] * 2})
+        assert (
+            over.status_code == 429
+            and int(over.headers["retry-after"]) >= 1
+            and "quota" in over.json()["detail"]
+        )
+        assert api.post("/v1/jobs", headers=bearer(acme), json=EMBED).status_code == 202
+        assert api.post("/v1/jobs", headers=bearer(acme), json=EMBED).status_code == 429
+        assert api.post("/v1/jobs", headers=bearer(globex), json=EMBED).status_code == 202  # its own quota
+    assert job_count(sqlite_url) == 4
+
+
+def test_the_submission_rate_is_a_token_bucket_per_tenant_in_redis(sqlite_url: str) -> None:
+    redis.Redis.from_url(REDIS_URL).delete("tensorq:rate:acme", "tensorq:rate:globex")
+    acme, globex = create_api_key(sqlite_url, "acme"), create_api_key(sqlite_url, "globex")
+    with make_api(sqlite_url, redis_url=REDIS_URL, tenant_submit_rate=0.5, tenant_submit_burst=3) as api:
+        assert api.post("/v1/jobs:batch", headers=bearer(acme), json={"jobs": [EMBED] * 3}).status_code == 202
+        limited = api.post("/v1/jobs", headers=bearer(acme), json=EMBED)
+        assert limited.status_code == 429 and 1 <= int(limited.headers["retry-after"]) <= 2, limited.headers
+        assert "jobs/s" in limited.json()["detail"]
+        too_big = api.post("/v1/jobs:batch", headers=bearer(globex), json={"jobs": [EMBED] * 4})
+        assert too_big.status_code == 429 and "burst" in too_big.json()["detail"]
+        assert api.post("/v1/jobs", headers=bearer(globex), json=EMBED).status_code == 202
+    assert job_count(sqlite_url) == 4
+
+
+def test_sqlite_upgrade_keeps_existing_rows_in_the_default_tenant(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0003")
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.execute("insert into models (name, created_at) values ('sentiment', '2026-01-01 00:00:00')")
+    db.commit()
+    db.close()
+    upgrade(url)
+    db = sqlite3.connect(tmp_path / "old.db")
+    assert db.execute("select tenant, name from models").fetchall() == [("default", "sentiment")]
+    # Names are unique per tenant now: another tenant may use the same one, the same tenant may not.
+    db.execute("insert into models (tenant, name, created_at) values ('acme', 'sentiment', '2026-01-01')")
+    with pytest.raises(sqlite3.IntegrityError):
+        db.execute("insert into models (tenant, name, created_at) values ('acme', 'sentiment', '2026-01-01')")
+
+
+@pytest.mark.parametrize(
+    "relative",
+    ["../x", "../../etc/passwd", "/etc/passwd", "a/../../x", "..\\x", "a\\..\\..\\x", "x\x00y", "", "//etc"],
+)
+def test_artifact_paths_cannot_escape_the_store(tmp_path: Path, relative: str) -> None:
+    with pytest.raises(UnsafePath):
+        ArtifactStore(tmp_path / "store").path(relative)
+
+
+def test_encoded_and_linked_artifact_paths_stay_inside(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    # Percent-encoding is not decoded: "%2e%2e" is an odd but harmless name inside the store.
+    assert store.path("%2e%2e/x").is_relative_to(store.root)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "link").symlink_to(tmp_path)  # a link that leads out is refused too
+    with pytest.raises(UnsafePath):
+        store.path("link/secret")
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/datasets/..%2F..%2Fetc%2Fpasswd", "/v1/models/..%2F..%2Fetc", "/v1/models/%2Fetc"]
+)
+def test_traversal_in_route_parameters_is_refused(api: TestClient, sqlite_url: str, path: str) -> None:
+    key = create_api_key(sqlite_url, "acme")
+    assert api.get(path, headers=bearer(key)).status_code in (404, 422)
+
+
+def test_celery_speaks_json_only() -> None:
+    config = celery_config(Settings())
+    assert config["accept_content"] == ["json"]
+    assert config["task_serializer"] == config["result_serializer"] == "json"
