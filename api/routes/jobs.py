@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -17,17 +16,16 @@ from sqlalchemy.orm import Session
 
 from api.auth import UNAUTHORIZED, current_principal
 from api.deps import get_events, get_publisher, get_session, get_settings
+from api.limits import check_limits
 from api.responses import model_response
 from api.schemas import ErrorOut, JobBatchCreate, JobBatchOut, JobCreate, JobList, JobOut
-from api.webhooks import check_url
-from db.jobs import cancel_job, count_active_jobs, create_job, get_job, list_jobs, mark_unpublished
+from db.jobs import cancel_job, create_job, get_job, list_jobs, mark_unpublished
 from db.models import Job, JobStatus
 from db.session import get_sessionmaker
 from db.tenants import Principal
 from tasks.registry import get_kind
 from tensorq.broker import Publisher, queue_for
 from tensorq.events import EventListener
-from tensorq.ratelimit import RateLimiter
 from tensorq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,61 +92,6 @@ def submit_job(
     job = store_job(session, body, settings, principal)
     accept(request, session, publisher, [job])
     return model_response(JobOut.from_row(job), 202, {"Location": f"/v1/jobs/{job.id}"})
-
-
-def check_limits(
-    request: Request,
-    session: Session,
-    settings: Settings,
-    principal: Principal,
-    items: list[Any],
-    loc: tuple[str, ...],
-) -> None:
-    """Per-request limits (422 naming the field), then the tenant's quotas (429 with Retry-After)."""
-    errors = []
-    for i, item in enumerate(items):
-        item_loc = (*loc, i) if len(loc) > 1 else loc
-        texts = len(getattr(item.input, "texts", ()) or ())
-        if texts > settings.max_texts_per_job:
-            errors.append(
-                {
-                    "loc": (*item_loc, "input", "texts"),
-                    "msg": f"{texts} texts; this server takes at most {settings.max_texts_per_job} per job",
-                    "type": "too_long",
-                }
-            )
-        if item.webhook is not None and (
-            problem := check_url(str(item.webhook), settings.webhook_allowed_networks)
-        ):
-            errors.append(
-                {"loc": (*item_loc, "webhook"), "msg": f"webhook URL {problem}", "type": "value_error"}
-            )
-    if len(items) > settings.max_batch_jobs:
-        errors.append(
-            {"loc": loc, "msg": f"at most {settings.max_batch_jobs} jobs per request", "type": "too_long"}
-        )
-    if errors:
-        raise RequestValidationError(errors)
-    active = count_active_jobs(session, principal.tenant)
-    if active + len(items) > settings.tenant_max_active_jobs:
-        raise HTTPException(
-            status_code=429,
-            detail=f"tenant {principal.tenant!r} has {active} jobs queued or running; "
-            f"the quota is {settings.tenant_max_active_jobs}",
-            headers={"Retry-After": "5"},
-        )
-    limiter: RateLimiter = request.app.state.rate_limiter
-    wait = limiter.acquire(principal.tenant, len(items))
-    if wait > 0:
-        if math.isinf(wait):
-            detail = f"{len(items)} jobs exceed the tenant's burst of {limiter.burst}; send fewer per request"
-        else:
-            detail = f"over the tenant's submission rate of {limiter.rate:g} jobs/s"
-        raise HTTPException(
-            status_code=429,
-            detail=detail,
-            headers={"Retry-After": str(max(1, math.ceil(wait)) if not math.isinf(wait) else 60)},
-        )
 
 
 def store_job(session: Session, body: Any, settings: Settings, principal: Principal) -> Job:

@@ -1,0 +1,68 @@
+"""Per-request limits (422 naming the field) and per-tenant quotas (429 with Retry-After)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.orm import Session
+
+from api.webhooks import check_url
+from db.jobs import count_active_jobs
+from db.tenants import Principal
+from tensorq.ratelimit import RateLimiter
+from tensorq.settings import Settings
+
+
+def check_limits(
+    request: Request, session: Session, settings: Settings, principal: Principal, items: list[Any],
+    loc: tuple[str, ...],
+) -> None:  # fmt: skip
+    """`items` are validated job bodies; `loc` is where they sit in the request (body, or body.jobs)."""
+    errors = request_errors(settings, items, loc)
+    if errors:
+        raise RequestValidationError(errors)
+    active = count_active_jobs(session, principal.tenant)
+    if active + len(items) > settings.tenant_max_active_jobs:
+        raise HTTPException(
+            status_code=429,
+            detail=f"tenant {principal.tenant!r} has {active} jobs queued or running; "
+            f"the quota is {settings.tenant_max_active_jobs}",
+            headers={"Retry-After": "5"},
+        )
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait = limiter.acquire(principal.tenant, len(items))
+    if math.isinf(wait):
+        raise HTTPException(
+            status_code=429,
+            detail=f"{len(items)} jobs exceed the tenant's burst of {limiter.burst}; send fewer per request",
+            headers={"Retry-After": "60"},
+        )
+    if wait > 0:
+        raise HTTPException(
+            status_code=429,
+            detail=f"over the tenant's submission rate of {limiter.rate:g} jobs/s",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
+
+def request_errors(settings: Settings, items: list[Any], loc: tuple[str, ...]) -> list[dict[str, Any]]:
+    errors: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        item_loc = (*loc, i) if len(loc) > 1 else loc
+        texts = len(getattr(item.input, "texts", ()) or ())
+        if texts > settings.max_texts_per_job:
+            msg = f"{texts} texts; this server takes at most {settings.max_texts_per_job} per job"
+            errors.append({"loc": (*item_loc, "input", "texts"), "msg": msg, "type": "too_long"})
+        if item.webhook is not None:
+            problem = check_url(str(item.webhook), settings.webhook_allowed_networks)
+            if problem:
+                errors.append(
+                    {"loc": (*item_loc, "webhook"), "msg": f"webhook URL {problem}", "type": "value_error"}
+                )
+    if len(items) > settings.max_batch_jobs:
+        msg = f"at most {settings.max_batch_jobs} jobs per request"
+        errors.append({"loc": loc, "msg": msg, "type": "too_long"})
+    return errors
