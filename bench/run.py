@@ -75,12 +75,13 @@ def bare_model(n: int) -> dict[str, Any]:
     encoder = minilm.load_encoder("cpu")
     texts = (SENTENCES * (n // len(SENTENCES) + 1))[:n]
     minilm.embed_texts(encoder, texts[:32])
-    rates = {}
+    rates, cpu_ms = {}, {}
     for bs in (1, 8, 32, 64, 128):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for i in range(0, n, bs):
             minilm.embed_texts(encoder, texts[i : i + bs])
         rates[bs] = n / (time.perf_counter() - start)
+        cpu_ms[bs] = (time.process_time() - cpu_start) * 1000 / n
     lone = []
     for _ in range(50):
         start = time.perf_counter()
@@ -91,8 +92,39 @@ def bare_model(n: int) -> dict[str, Any]:
         "rates_by_batch": rates,
         "best_batch": best,
         "sentences_per_s": rates[best],
+        "cpu_ms_per_sentence": cpu_ms[best],
         "lone_ms_p50": pct(lone, 50),
     }
+
+
+def cpu_seconds(svc: Service) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each part of the machine, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    groups: dict[str, float] = {"client": time.process_time()}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(pid) == os.getpid():
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        used = (int(fields[11]) + int(fields[12])) / tick
+        if int(pid) == svc.worker.popen.pid:
+            group = "worker parent"
+        elif "tensorq.cli worker" in cmd:
+            group = "worker child"
+        elif "tensorq.cli api" in cmd:
+            group = "api"
+        elif cmd.startswith("postgres"):
+            group = "postgres"
+        elif "redis-server" in cmd:
+            group = "redis"
+        else:
+            continue
+        groups[group] = groups.get(group, 0.0) + used
+    return groups
 
 
 def bare_celery(redis_url: str, n: int, log_dir: Path) -> dict[str, Any]:
@@ -141,6 +173,7 @@ def throughput(svc: Service, n: int, via_batch: bool, n_threads: int = 8) -> dic
     """n one-sentence jobs: first submit -> every result read back through the API (list pages)."""
     texts = (SENTENCES * (n // len(SENTENCES) + 1))[:n]
     submitted: list[str] = []
+    cpu_before = cpu_seconds(svc)
     start = time.perf_counter()
 
     def work(t: int) -> None:
@@ -177,9 +210,11 @@ def throughput(svc: Service, n: int, via_batch: bool, n_threads: int = 8) -> dic
             if not cursor:
                 break
     elapsed = time.perf_counter() - start
+    cpu_after = cpu_seconds(svc)
+    cpu_ms = {g: (cpu_after[g] - cpu_before.get(g, 0.0)) * 1000 / n for g in cpu_after}
     return {
         "jobs": n, "seconds": elapsed, "submit_seconds": submit_seconds, "sentences_per_s": n / elapsed,
-        "results_read": results, "failed": n - results,
+        "results_read": results, "failed": n - results, "cpu_ms_per_job": cpu_ms,
     }  # fmt: skip
 
 
@@ -265,12 +300,22 @@ def table(r: dict[str, Any]) -> str:
         ("bare model, same input", f"p50 {b['lone_ms_p50']:.1f} ms"),
         ("service overhead (latency p50 - model p50)", f"{r['overhead_ms']:.1f} ms"),
         ("bare Celery apply_async().get() no-op", f"p50 {cel['p50_ms']:.2f} ms, p99 {cel['p99_ms']:.2f} ms"),
+        *(
+            (f"CPU ms per job, {label}", cpu_breakdown(run["cpu_ms_per_job"]))
+            for label, run in (("tensorq POST", t), ("tensorq :batch", tb))
+        ),
+        ("CPU ms per sentence, bare model best batch", f"{b['cpu_ms_per_sentence']:.1f}"),
         ("ratio tensorq/bare", f"{r['ratios']['tensorq/bare']:.2f} (target >= 0.6)"),
         ("ratio tensorq/naive", f"{r['ratios']['tensorq/naive']:.2f} (target >= 2.5)"),
         ("ratio latency overhead/bare-celery", f"{r['ratios']['latency/bare-celery']:.2f} (target <= 3)"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows)
+
+
+def cpu_breakdown(cpu_ms: dict[str, float]) -> str:
+    parts = sorted(cpu_ms.items(), key=lambda kv: -kv[1])
+    return f"{sum(cpu_ms.values()):.1f} = " + ", ".join(f"{g} {v:.1f}" for g, v in parts)
 
 
 def main() -> None:
