@@ -45,7 +45,8 @@ def classifier(ctx: JobContext, resolved: ResolvedModel) -> clf.TextClassifier:
                 "InvalidModel", f"{resolved.name}:{resolved.version} is not a classifier: {exc}"
             ) from None
 
-    return ctx.models.get(f"classifier:{resolved.name}:{resolved.version}@{ctx.device}", load)
+    # Keyed by the version's files, not its name: tenants may each have a "sentiment:1".
+    return ctx.models.get(f"classifier:{resolved.path}@{ctx.device}", load)
 
 
 def run(params: ClassifyParams, ctx: JobContext) -> ClassifyResult:

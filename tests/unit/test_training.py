@@ -380,17 +380,19 @@ def test_classify_labels_texts_with_the_trained_model(trained: Trained) -> None:
     assert [p.label for p in result.predictions] == ["positive", "negative", "positive"]
 
     classify(ClassifyParams(model="sentiment@production", texts=texts[:1]), ctx)
-    assert cache.loaded == ["classifier:sentiment:3@cpu"]
-    assert cache.entries["classifier:sentiment:3@cpu"].nbytes() > 50_000_000
+    assert cache.loaded == [f"classifier:{artifact}@cpu"]
+    assert cache.entries[f"classifier:{artifact}@cpu"].nbytes() > 50_000_000
 
 
-def test_a_batch_of_classify_jobs_resolves_each_reference_once(trained: Trained) -> None:
-    artifact = Path(trained.result.artifact_dir)
+def test_a_batch_of_classify_jobs_resolves_each_reference_once(trained: Trained, tmp_path: Path) -> None:
+    paths = {"a": Path(trained.result.artifact_dir), "b": tmp_path / "b"}
+    paths["b"].symlink_to(paths["a"], target_is_directory=True)  # another version's files
     asked: list[str] = []
 
     def resolve(ref: str) -> ResolvedModel:
         asked.append(ref)
-        return ResolvedModel(name=ref.split("@")[0], version=len(asked), path=artifact)
+        name = ref.split("@")[0]
+        return ResolvedModel(name=name, version=len(asked), path=paths[name])
 
     cache = CountingCache()
     batch = [
@@ -399,12 +401,26 @@ def test_a_batch_of_classify_jobs_resolves_each_reference_once(trained: Trained)
         ClassifyParams(model="a", texts=["I love it."]),
     ]
     results = classify_batch(batch, JobContext(models=cache, resolve_model=resolve))
-    assert asked == ["a", "b@prod"] and cache.loaded == ["classifier:a:1@cpu", "classifier:b:2@cpu"]
+    assert asked == ["a", "b@prod"]
+    assert cache.loaded == [f"classifier:{paths['a']}@cpu", f"classifier:{paths['b']}@cpu"]
     assert [(r.model, r.version, len(r.predictions)) for r in results] == [
         ("a", 1, 2),
         ("b", 2, 1),
         ("a", 1, 1),
     ]
+
+
+def test_one_model_name_in_two_tenants_is_two_cached_models(trained: Trained, tmp_path: Path) -> None:
+    """Each tenant's registry resolves "sentiment:1" to its own files; the shared cache keeps them apart."""
+    other = tmp_path / "other-tenant-model"
+    other.symlink_to(Path(trained.result.artifact_dir), target_is_directory=True)
+    cache = CountingCache()
+    for path in (Path(trained.result.artifact_dir), other):
+        ctx = JobContext(
+            models=cache, resolve_model=lambda ref, p=path: ResolvedModel(name="sentiment", version=1, path=p)
+        )
+        classify(ClassifyParams(model="sentiment", texts=["Five stars."]), ctx)
+    assert len(cache.loaded) == 2 and len(set(cache.loaded)) == 2
 
 
 def test_classify_refuses_a_directory_that_is_not_a_classifier(tmp_path: Path) -> None:
