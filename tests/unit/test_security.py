@@ -8,7 +8,9 @@ import ipaddress
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,19 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.app import create_app
-from api.webhooks import UnsafeDestination, check_url, resolve_destination, sign, verify_signature
+from api.webhooks import (
+    UnsafeDestination,
+    WebhookDispatcher,
+    check_url,
+    resolve_destination,
+    sign,
+    verify_signature,
+)
+from db.jobs import Outcome, claim_job, create_job, finish_jobs
 from db.migrate import upgrade
-from db.models import ApiKey, Job
+from db.models import ApiKey, Job, JobStatus, WebhookState
 from db.session import get_sessionmaker, session_scope
-from db.tenants import authenticate, create_key, hash_key, revoke_key
+from db.tenants import authenticate, create_key, ensure_tenant, hash_key, revoke_key
 from tensorq.artifacts import ArtifactStore, UnsafePath
 from tensorq.broker import celery_config
 from tensorq.settings import Settings
@@ -266,3 +276,44 @@ def test_celery_speaks_json_only() -> None:
     config = celery_config(Settings())
     assert config["accept_content"] == ["json"]
     assert config["task_serializer"] == config["result_serializer"] == "json"
+
+
+def test_webhooks_are_delivered_on_the_embedded_sqlite_default(sqlite_url: str) -> None:
+    """The dispatcher's claim and bookkeeping on SQLite: delivered once, then nothing is due."""
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{server.server_address[1]}/done"
+    with session_scope(sqlite_url) as session:
+        secret = ensure_tenant(session, "acme").webhook_secret
+        job = create_job(session, tenant="acme", kind="embed", params={"texts": ["a"]}, queue="inference",
+                         max_attempts=3, webhook_url=hook)  # fmt: skip
+        job_id = job.id
+    with session_scope(sqlite_url) as session:
+        claimed = claim_job(session, job_id, worker="w", device="cpu", lease_seconds=30)
+        assert claimed is not None and claimed.claim_token is not None
+        finish_jobs(session, [Outcome(job_id, claimed.claim_token, JobStatus.SUCCEEDED, result={"dim": 384})])
+    dispatcher = WebhookDispatcher(Settings(database_url=sqlite_url, webhook_allowed_networks=LOOPBACK))
+    try:
+        assert dispatcher.dispatch_due() == 1
+        assert dispatcher.dispatch_due() == 0
+    finally:
+        dispatcher.pool.shutdown()
+        dispatcher.http.close()
+        server.shutdown()
+    [(headers, body)] = received
+    assert json.loads(body)["id"] == str(job_id) and json.loads(body)["result"] == {"dim": 384}
+    assert verify_signature(secret, body, headers["X-Tensorq-Signature"])
+    with session_scope(sqlite_url) as session:
+        row = session.get(Job, job_id)
+        assert row is not None and row.webhook_state == WebhookState.DELIVERED and row.webhook_attempts == 1
