@@ -48,6 +48,17 @@ def _failed(now: datetime, error_type: str, message: str) -> dict[str, Any]:
     }
 
 
+def _requeued(now: datetime, published_at: datetime | None) -> dict[str, Any]:
+    """The column values of a job going back to `queued` (its attempt still counts)."""
+    return {
+        "status": JobStatus.QUEUED,
+        "claim_token": None,
+        "lease_expires_at": None,
+        "published_at": published_at,
+        "updated_at": now,
+    }
+
+
 def create_job(
     session: Session,
     *,
@@ -303,15 +314,7 @@ def release_job(
     res = session.execute(
         update(Job)
         .where(held, Job.attempts < Job.max_attempts)
-        .values(
-            status=JobStatus.QUEUED,
-            claim_token=None,
-            lease_expires_at=None,
-            published_at=now,
-            error_type=error_type,
-            error_message=message,
-            updated_at=now,
-        )
+        .values(**_requeued(now, published_at=now), error_type=error_type, error_message=message)
         .execution_options(synchronize_session=False)
     )
     if res.rowcount:  # type: ignore[attr-defined]
@@ -390,13 +393,7 @@ def reap_expired_leases(session: Session) -> tuple[list[uuid.UUID], list[uuid.UU
     requeued = session.execute(
         update(Job)
         .where(expired, Job.attempts < Job.max_attempts)
-        .values(
-            status=JobStatus.QUEUED,
-            claim_token=None,
-            lease_expires_at=None,
-            published_at=None,
-            updated_at=now,
-        )
+        .values(**_requeued(now, published_at=None))
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )

@@ -83,6 +83,23 @@ def responds(url: str) -> bool:
         return False
 
 
+def insert_queued_embed_row(pg_url: str, tenant: str, params: dict[str, Any], *, published: bool) -> str:
+    """A queued embed job written straight to PostgreSQL, bypassing the API's validation."""
+    import json as _json
+    import uuid as _uuid
+
+    job_id = _uuid.uuid4()
+    with psycopg.connect(pg_url) as conn:
+        conn.execute(
+            "INSERT INTO jobs (id, tenant, kind, model, queue, status, params, attempts, max_attempts,"
+            " cancel_requested, created_at, updated_at, published_at, webhook_attempts) VALUES (%s, %s,"
+            " 'embed', 'all-MiniLM-L6-v2', 'inference', 'queued', %s, 0, 3, false, now(), now(),"
+            " CASE WHEN %s THEN now() END, 0)",
+            (job_id, tenant, _json.dumps(params), published),
+        )
+    return str(job_id)
+
+
 def tenant_of(client: httpx.Client) -> str:
     tenant: str = client.get("/v1/whoami").json()["tenant"]
     return tenant

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import uuid
 
 import httpx
-import psycopg
 import pytest
 import torch
 
@@ -17,7 +14,7 @@ from tasks.embed import EmbedParams, run
 from tensorq.broker import Publisher
 from tensorq.settings import Settings
 from tests.conftest import Service
-from tests.helpers import tenant_of, wait_job
+from tests.helpers import insert_queued_embed_row, tenant_of, wait_job
 from worker.model_cache import ModelCache
 
 pytestmark = pytest.mark.integration
@@ -56,19 +53,12 @@ def test_queued_jobs_share_a_forward_pass_and_each_gets_its_own_result(
 def test_a_bad_job_in_a_batch_fails_alone(client: httpx.Client, service: Service, pg_url: str) -> None:
     # Params that pass no schema can only come from the database (e.g. written by an older version):
     # insert such a row beside good jobs, publish it, and let them batch together.
-    bad_id = uuid.uuid4()
-    with psycopg.connect(pg_url) as conn:
-        conn.execute(
-            "INSERT INTO jobs (id, tenant, kind, model, queue, status, params, attempts, max_attempts,"
-            " cancel_requested, created_at, updated_at, webhook_attempts) VALUES (%s, %s, 'embed',"
-            " 'all-MiniLM-L6-v2', 'inference', 'queued', %s, 0, 3, false, now(), now(), 0)",
-            (bad_id, tenant_of(client), json.dumps({"texts": "not a list"})),
-        )
+    bad_id = insert_queued_embed_row(pg_url, tenant_of(client), {"texts": "not a list"}, published=False)
     good = [{"kind": "embed", "input": {"texts": [f"good {i}"]}} for i in range(10)]
     ids = client.post("/v1/jobs:batch", json={"jobs": good}).json()["ids"]
     publisher = Publisher(Settings(redis_url=service.env["TENSORQ_REDIS_URL"]))
-    publisher.publish("tensorq.embed", str(bad_id), "inference")
+    publisher.publish("tensorq.embed", bad_id, "inference")
     publisher.close()
-    bad = wait_job(client, str(bad_id))
+    bad = wait_job(client, bad_id)
     assert bad["status"] == "failed" and bad["error"]["type"] == "InvalidParams"
     assert all(wait_job(client, i)["status"] == "succeeded" for i in ids)

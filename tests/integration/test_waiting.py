@@ -7,25 +7,16 @@ import time
 import uuid
 
 import httpx
-import psycopg
 import pytest
 
-from tests.helpers import tenant_of
+from tests.helpers import insert_queued_embed_row, tenant_of
 
 pytestmark = pytest.mark.integration
 
 
 def insert_unpublished_job(pg_url: str, tenant: str) -> str:
     """A queued job whose message is 'in flight' (published_at = now): nothing will run it soon."""
-    job_id = uuid.uuid4()
-    with psycopg.connect(pg_url) as conn:
-        conn.execute(
-            "INSERT INTO jobs (id, tenant, kind, model, queue, status, params, attempts, max_attempts,"
-            " cancel_requested, created_at, updated_at, published_at, webhook_attempts) VALUES (%s, %s, 'embed',"
-            " 'all-MiniLM-L6-v2', 'inference', 'queued', '{\"texts\": [\"x\"]}', 0, 3, false, now(), now(), now(), 0)",
-            (job_id, tenant),
-        )
-    return str(job_id)
+    return insert_queued_embed_row(pg_url, tenant, {"texts": ["x"]}, published=True)
 
 
 def test_wait_returns_on_each_change_without_polling(client: httpx.Client) -> None:
