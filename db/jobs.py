@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, cast, column, func, or_, select, update, values
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, WebhookState, utcnow
@@ -69,12 +69,13 @@ def create_job(
     max_attempts: int,
     model: str | None = None,
     webhook_url: str | None = None,
+    job_id: uuid.UUID | None = None,
 ) -> Job:
     now = utcnow()
     # published_at is set optimistically: the caller publishes right after commit and clears it
     # with `mark_unpublished` if that fails; the sweeper covers a crash in between.
     job = Job(
-        id=uuid.uuid4(),
+        id=job_id or uuid.uuid4(),
         tenant=tenant,
         kind=kind,
         model=model,
@@ -276,11 +277,18 @@ def finish_jobs(session: Session, outcomes: Sequence[Outcome]) -> set[uuid.UUID]
 
     error_type/error_message are always overwritten, so a transient error from an earlier attempt
     does not linger on a job that then succeeds."""
-    now = utcnow()
-    written: set[uuid.UUID] = set()
     for o in outcomes:
         if not o.status.terminal:
             raise ValueError(f"not a final state: {o.status}")
+    if not outcomes:
+        return set()
+    now = utcnow()
+    final_state = {"finished_at": now, "updated_at": now, "lease_expires_at": None}
+    if session.get_bind().dialect.name == "postgresql":
+        return _finish_in_one_statement(session, outcomes, final_state)
+    # SQLite has no column list on a VALUES alias; its single writer needs no batching anyway.
+    written: set[uuid.UUID] = set()
+    for o in outcomes:
         res = session.execute(
             update(Job)
             .where(Job.id == o.job_id, Job.claim_token == o.claim_token, Job.status == JobStatus.RUNNING)
@@ -290,15 +298,45 @@ def finish_jobs(session: Session, outcomes: Sequence[Outcome]) -> set[uuid.UUID]
                 error_type=o.error_type,
                 error_message=o.error_message,
                 metrics=o.metrics,
-                finished_at=now,
-                updated_at=now,
-                lease_expires_at=None,
+                **final_state,
             )
             .execution_options(synchronize_session=False)
         )
         if res.rowcount:  # type: ignore[attr-defined]
             written.add(o.job_id)
     return written
+
+
+def _finish_in_one_statement(
+    session: Session, outcomes: Sequence[Outcome], final_state: dict[str, Any]
+) -> set[uuid.UUID]:
+    """One UPDATE ... FROM (VALUES ...) for a whole batch: an UPDATE per job cost the worker about
+    a fifth of its time at full batches (py-spy, 64-job batches)."""
+    c = Job.__table__.c
+    columns = (c.id, c.claim_token, c.status, c.result, c.error_type, c.error_message, c.metrics)
+    final = values(*(column(col.name, col.type) for col in columns), name="final").data(
+        [
+            (o.job_id, o.claim_token, o.status, o.result, o.error_type, o.error_message, o.metrics)
+            for o in outcomes
+        ]
+    )
+    # Cast: PostgreSQL cannot type a VALUES column whose rows are all NULL (a batch with no errors).
+    row = {col.name: cast(final.c[col.name], col.type) for col in columns}
+    stmt = (
+        update(Job)
+        .where(Job.id == row["id"], Job.claim_token == row["claim_token"], Job.status == JobStatus.RUNNING)
+        .values(
+            status=row["status"],
+            result=row["result"],
+            error_type=row["error_type"],
+            error_message=row["error_message"],
+            metrics=row["metrics"],
+            **final_state,
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return set(session.scalars(stmt))
 
 
 def release_job(
