@@ -65,7 +65,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         # Flower needs events.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": settings.task_sent_events,
         "task_default_queue": "inference",
         # Pool children load their models in worker_process_init, which takes seconds; Celery's
         # 4 s default would kill a replacement child (after a hard time limit) before it is up.
