@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import BodyLimit, install_error_handlers
+from api.limits import ActiveJobCounts
 from api.metrics import ApiMetrics
 from api.routes import datasets, health, jobs, keys, models
 from api.webhooks import WebhookDispatcher
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.active_jobs = ActiveJobCounts()
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)

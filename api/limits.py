@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -24,8 +26,9 @@ def check_limits(
     errors = request_errors(settings, items, loc)
     if errors:
         raise RequestValidationError(errors)
-    active = count_active_jobs(session, principal.tenant)
-    if active + len(items) > settings.tenant_max_active_jobs:
+    counts: ActiveJobCounts = request.app.state.active_jobs
+    active = counts.refusing(session, principal.tenant, len(items), settings.tenant_max_active_jobs)
+    if active is not None:
         raise HTTPException(
             status_code=429,
             detail=f"tenant {principal.tenant!r} has {active} jobs queued or running; "
@@ -66,3 +69,34 @@ def request_errors(settings: Settings, items: list[Any], loc: tuple[str, ...]) -
         msg = f"at most {settings.max_batch_jobs} jobs per request"
         errors.append({"loc": loc, "msg": msg, "type": "too_long"})
     return errors
+
+
+class ActiveJobCounts:
+    """Each tenant's queued + running jobs for its quota, without a COUNT on every submission.
+
+    The count is read from the database at most every `max_age` seconds and this process adds
+    the jobs it accepts meanwhile; jobs that finish are only seen at the next read, so the estimate
+    errs high. A submission the estimate would refuse is checked against a fresh count first, so a
+    429 always rests on the database. (The COUNT grows with the backlog: at a few hundred queued
+    jobs it was 15% of a submission's time.)"""
+
+    def __init__(self, max_age: float = 1.0) -> None:
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, float]] = {}  # tenant -> (estimate, when read)
+
+    def refusing(self, session: Session, tenant: str, n: int, quota: int) -> int | None:
+        """None when `n` more jobs fit the quota (and they are counted); else the active count."""
+        with self._lock:
+            estimate, read_at = self._counts.get(tenant, (0, -math.inf))
+            if time.monotonic() - read_at <= self.max_age and estimate + n <= quota:
+                self._counts[tenant] = (estimate + n, read_at)
+                return None
+        now = time.monotonic()
+        active = count_active_jobs(session, tenant)
+        with self._lock:
+            if active + n > quota:
+                self._counts[tenant] = (active, now)
+                return active
+            self._counts[tenant] = (active + n, now)
+        return None
