@@ -30,13 +30,20 @@ class EventPublisher:
     def __init__(self, redis_url: str) -> None:
         self.client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
 
-    def changed(self, job_ids: Iterable[uuid.UUID], finished: list[dict[str, Any]] | None = None) -> None:
-        """`finished` carries {kind, status, queue_s, run_s} per finished job, for the API's metrics."""
+    def changed(
+        self,
+        job_ids: Iterable[uuid.UUID],
+        finished: list[dict[str, Any]] | None = None,
+        running: bool = False,
+    ) -> None:
+        """`finished` carries {kind, status, queue_s, run_s} per finished job, for the API's metrics;
+        `running` says the jobs are running (claimed, or progress): no news for a wait on the end."""
         ids = [str(i) for i in job_ids]
         if not ids:
             return
+        message = {"ids": ids, "finished": finished or [], "running": running}
         try:
-            self.client.publish(CHANNEL, json.dumps({"ids": ids, "finished": finished or []}))
+            self.client.publish(CHANNEL, json.dumps(message))
         except redis.RedisError as exc:
             log.debug("job event not published: %s", exc)
 
@@ -48,6 +55,8 @@ class EventListener:
         self.redis_url = redis_url
         self.on_finished = on_finished
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        # Waiters for the end only: not woken by `running` events, which would cost a database read.
+        self._end_waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -60,16 +69,18 @@ class EventListener:
                 await self._task
 
     @contextlib.contextmanager
-    def watch(self, job_id: uuid.UUID) -> Iterator[asyncio.Event]:
+    def watch(self, job_id: uuid.UUID, end_only: bool = False) -> Iterator[asyncio.Event]:
+        """An event set when the job changes; with `end_only`, not while it is still running."""
         event = asyncio.Event()
         key = str(job_id)
-        self._waiters[key].add(event)
+        waiters = self._end_waiters if end_only else self._waiters
+        waiters[key].add(event)
         try:
             yield event
         finally:
-            self._waiters[key].discard(event)
-            if not self._waiters[key]:
-                del self._waiters[key]
+            waiters[key].discard(event)
+            if not waiters[key]:
+                del waiters[key]
 
     async def _listen(self) -> None:
         while True:
@@ -94,11 +105,15 @@ class EventListener:
         try:
             message = json.loads(data)
             ids, finished = message["ids"], message.get("finished", [])
+            running = bool(message.get("running", False))
         except (ValueError, KeyError, TypeError):
             return
         for job_id in ids:
             for event in self._waiters.get(job_id, ()):
                 event.set()
+            if not running:
+                for event in self._end_waiters.get(job_id, ()):
+                    event.set()
         if self.on_finished is not None:
             for info in finished:
                 self.on_finished(info)

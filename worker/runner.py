@@ -82,7 +82,7 @@ class ProgressWriter:
         with session_scope(self.database_url) as session:
             update_progress(session, self.job_id, self.claim_token, self._pending)
         if self.events is not None:
-            self.events.changed([self.job_id])
+            self.events.changed([self.job_id], running=True)
         self._pending = None
         self._last_write = time.monotonic()
 
@@ -234,7 +234,7 @@ class Runner:
         for job in jobs:
             assert job.claim_token is not None
             self.leases.hold(job.id, job.claim_token)
-        self.events.changed(job.id for job in jobs)
+        self.events.changed((job.id for job in jobs), running=True)
         try:
             outcomes = self.execute_batch(kind, jobs) if len(jobs) > 1 else [self.execute(kind, jobs[0])]
             tenants = {job.id: job.tenant for job in jobs}

@@ -131,3 +131,25 @@ def test_no_project_code_loads_models_with_remote_code() -> None:
         if "trust_remote_code=True" in path.read_text().replace(" ", "")
     ]
     assert offenders == []
+
+
+def test_a_wait_for_the_end_is_not_woken_by_a_running_job() -> None:
+    import asyncio
+    import json
+    import uuid
+
+    from tensorq.events import EventListener
+
+    listener = EventListener("redis://unused")
+    job_id = uuid.uuid4()
+
+    async def check() -> None:
+        with listener.watch(job_id) as any_change, listener.watch(job_id, end_only=True) as end:
+            listener._dispatch(json.dumps({"ids": [str(job_id)], "running": True}).encode())
+            assert any_change.is_set() and not end.is_set()
+            any_change.clear()
+            listener._dispatch(json.dumps({"ids": [str(job_id)], "finished": []}).encode())
+            assert any_change.is_set() and end.is_set()
+        assert not listener._waiters and not listener._end_waiters  # nothing left behind
+
+    asyncio.run(check())
