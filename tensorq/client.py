@@ -7,6 +7,7 @@ API's `detail`; a failure to reach the API becomes its subclass `TensorqConnecti
     with Client() as tq:
         job = tq.submit("embed", {"texts": ["hello"]})
         job = tq.wait(job["id"], timeout=60)
+        job = tq.run("embed", {"texts": ["hello"]})  # both at once, in one request if quick
 """
 
 from __future__ import annotations
@@ -125,11 +126,19 @@ class _Call:
     timeout: float | None = None  # None: the client's own
 
 
-def _submit_call(kind: str, input: dict[str, Any], device: Device, webhook: str | None) -> _Call:
+def _submit_call(
+    kind: str, input: dict[str, Any], device: Device, webhook: str | None, wait: float | None = None
+) -> _Call:
     body: dict[str, Any] = {"kind": kind, "input": input, "device": device}
     if webhook is not None:
         body["webhook"] = webhook
-    return _Call("POST", "/v1/jobs", json=body)
+    if wait is None:
+        return _Call("POST", "/v1/jobs", json=body)
+    # Prefer: wait holds the response until the job finishes: one request for a quick job.
+    wait = round(min(MAX_WAIT_S, max(0.0, wait)), 3)
+    return _Call(
+        "POST", "/v1/jobs", json=body, headers={"Prefer": f"wait={wait:g}"}, timeout=wait + WAIT_SLACK_S
+    )
 
 
 def _submit_many_call(jobs: Sequence[tuple[str, dict[str, Any]]], device: Device) -> _Call:
@@ -156,6 +165,20 @@ def _upload_call(data: str | os.PathLike[str] | bytes, name: str | None) -> _Cal
 
 def _alias_call(name: str, alias: str, version: int) -> _Call:
     return _Call("PUT", f"/v1/models/{_seg(name)}/aliases/{_seg(alias)}", json={"version": version})
+
+
+def _run_wait(timeout: float | None) -> float:
+    return MAX_WAIT_S if timeout is None else min(timeout, MAX_WAIT_S)
+
+
+def _time_left(job: Job, timeout: float | None, started: float) -> float | None:
+    """What is left of `run`'s timeout after its submit; WaitTimeout when nothing is."""
+    if timeout is None:
+        return None
+    left = timeout - (time.monotonic() - started)
+    if left <= 0:
+        raise WaitTimeout(job, timeout)
+    return left
 
 
 class _Waiter:
@@ -269,6 +292,17 @@ class Client:
         job: Job = self._send(_submit_call(kind, input, device, webhook))
         return job
 
+    def run(
+        self, kind: str, input: dict[str, Any], *, device: Device = "any", timeout: float | None = None
+    ) -> Job:
+        """Submit one job and return it finished: one request (`Prefer: wait`) when it finishes
+        within a minute, long-polls after that. Raises WaitTimeout after `timeout` seconds."""
+        started = time.monotonic()
+        job: Job = self._send(_submit_call(kind, input, device, None, wait=_run_wait(timeout)))
+        if job["status"] in TERMINAL:
+            return job
+        return self.wait(job["id"], timeout=_time_left(job, timeout, started))
+
     def submit_many(
         self, jobs: Sequence[tuple[str, dict[str, Any]]], *, device: Device = "any"
     ) -> builtins.list[str]:
@@ -377,6 +411,15 @@ class AsyncClient:
     ) -> Job:
         job: Job = await self._send(_submit_call(kind, input, device, webhook))
         return job
+
+    async def run(
+        self, kind: str, input: dict[str, Any], *, device: Device = "any", timeout: float | None = None
+    ) -> Job:
+        started = time.monotonic()
+        job: Job = await self._send(_submit_call(kind, input, device, None, wait=_run_wait(timeout)))
+        if job["status"] in TERMINAL:
+            return job
+        return await self.wait(job["id"], timeout=_time_left(job, timeout, started))
 
     async def submit_many(
         self, jobs: Sequence[tuple[str, dict[str, Any]]], *, device: Device = "any"

@@ -5,10 +5,10 @@ import contextlib
 import logging
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
@@ -43,6 +43,8 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 SSE_KEEPALIVE_SECONDS = 15
+# The longest a request waits for a job (`?wait=` on GET, `Prefer: wait` on POST).
+MAX_WAIT_S = 60.0
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
 
@@ -70,34 +72,93 @@ def accept(request: Request, session: Session, publisher: Publisher, jobs: list[
         request.app.state.metrics.submitted.labels(kind).inc(n)
 
 
+PREFER_HELP = (
+    "`wait` or `wait=N` (RFC 7240): hold the response until the job finishes, at most N seconds "
+    f"(at most {MAX_WAIT_S:g}; `wait` alone means {MAX_WAIT_S:g}). Answers 201 with the final job, or "
+    "202 with its state so far when time ran out; `Preference-Applied` says the wait used."
+)
+
+
+def preferred_wait(prefer: str | None) -> float | None:
+    """Seconds asked for by a `Prefer: wait[=N]` header, capped; None when not asked."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.split(";")[0].strip().partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        value = value.strip().strip('"')
+        if not value:
+            return MAX_WAIT_S
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds < float("inf"):
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ("header", "prefer"),
+                        "msg": "wait must be a number of seconds",
+                        "type": "value_error",
+                    }
+                ]
+            )
+        return min(seconds, MAX_WAIT_S)
+    return None
+
+
 @router.post(
     "",
     status_code=202,
     response_model=JobOut,
     responses={
         **SUBMIT_RESPONSES,
+        201: {"model": JobOut, "description": "With `Prefer: wait`: the job finished within the wait"},
         422: {"model": ErrorOut, "description": "Invalid body; `detail[].loc` names the field"},
     },
-    summary="Submit a job",
+    summary="Submit a job (with `Prefer: wait`, and get its result in the same request)",
 )
-def submit_job(
+async def submit_job(
     request: Request,
     body: JobCreate,
+    prefer: str | None = Header(default=None, description=PREFER_HELP),
     session: Session = Depends(get_session),
     publisher: Publisher = Depends(get_publisher),
     settings: Settings = Depends(get_settings),
     principal: Principal = Depends(current_principal),
+    events: EventListener = Depends(get_events),
 ) -> Response:
-    check_limits(request, session, settings, principal, [body], ("body",))
-    job = store_job(session, body, settings, principal)
-    accept(request, session, publisher, [job])
-    return model_response(JobOut.from_row(job), 202, {"Location": f"/v1/jobs/{job.id}"})
+    wait = preferred_wait(prefer)
+    job_id = uuid.uuid4()
+
+    def submit() -> Job:
+        check_limits(request, session, settings, principal, [body], ("body",))
+        job = store_job(session, body, settings, principal, job_id)
+        accept(request, session, publisher, [job])
+        return job
+
+    headers = {"Location": f"/v1/jobs/{job_id}"}
+    if wait is None:
+        job = await run_in_threadpool(submit)
+        return model_response(JobOut.from_row(job), 202, headers)
+
+    def load() -> Job | None:
+        session.rollback()
+        return get_job(session, job_id, principal.tenant)
+
+    # Submitted inside the watch, so not even a job finished at once can slip past it.
+    found = await follow_job(events, job_id, submit, load, wait, until="finished")
+    assert found is not None  # our own job, just committed
+    headers["Preference-Applied"] = f"wait={wait:g}"
+    return model_response(JobOut.from_row(found), 201 if found.status.terminal else 202, headers)
 
 
-def store_job(session: Session, body: Any, settings: Settings, principal: Principal) -> Job:
+def store_job(
+    session: Session, body: Any, settings: Settings, principal: Principal, job_id: uuid.UUID | None = None
+) -> Job:
     kind = get_kind(body.kind)
     return create_job(
         session,
+        job_id=job_id,
         tenant=principal.tenant,
         kind=kind.name,
         params=body.input.model_dump(mode="json"),
@@ -135,7 +196,7 @@ def submit_jobs(
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND, summary="Get a job")
 async def read_job(
     job_id: uuid.UUID,
-    wait: float = Query(default=0, ge=0, le=60, description="Seconds to wait for the job to change"),
+    wait: float = Query(default=0, ge=0, le=MAX_WAIT_S, description="Seconds to wait for the job to change"),
     until: Literal["change", "finished"] = Query(
         default="change",
         description="With `wait`: answer on any change of state or progress, or only when finished",
@@ -148,11 +209,27 @@ async def read_job(
         session.rollback()  # a fresh snapshot on every read (SQLite keeps one per transaction)
         return get_job(session, job_id, principal.tenant)
 
+    job = await follow_job(events, job_id, load, load, wait, until)
+    if job is None:
+        raise HTTPException(status_code=404, detail="job not found")
+    return model_response(JobOut.from_row(job))
+
+
+async def follow_job(
+    events: EventListener,
+    job_id: uuid.UUID,
+    first: Callable[[], Job | None],
+    load: Callable[[], Job | None],
+    wait: float,
+    until: Literal["change", "finished"],
+) -> Job | None:
+    """`first()` the job, then re-`load()` it on each change event until it changed (or finished,
+    with until="finished") or `wait` seconds passed; the job as last read."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     # Subscribed before the first read, so a change in between is not missed.
-    with events.watch(job_id) as changed:
-        job = await run_in_threadpool(load)
+    with events.watch(job_id, end_only=until == "finished") as changed:
+        job = await run_in_threadpool(first)
         seen = None if job is None else (job.status, job.updated_at)
         while job is not None and not job.status.terminal and wait > 0:
             if until == "change" and (job.status, job.updated_at) != seen:
@@ -164,9 +241,7 @@ async def read_job(
                 await asyncio.wait_for(changed.wait(), remaining)
             changed.clear()
             job = await run_in_threadpool(load)
-    if job is None:
-        raise HTTPException(status_code=404, detail="job not found")
-    return model_response(JobOut.from_row(job))
+    return job
 
 
 @router.get(

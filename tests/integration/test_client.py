@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import typer
 from rich.console import Console
@@ -82,6 +83,27 @@ def test_sync_client_submit_wait_get_list(tq: Client) -> None:
     assert {job["id"], *ids} <= set(every) and len(every) == len(set(every))
 
 
+class CountingTransport(httpx.HTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[str] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(f"{request.method} {request.url.path}")
+        return super().handle_request(request)
+
+
+def test_run_submits_and_answers_in_one_request(service: Service) -> None:
+    transport = CountingTransport()
+    with Client(service.base_url, api_key=service.api_key, transport=transport) as tq:
+        job = tq.run("embed", {"texts": ["quick"]}, timeout=30)
+        assert job["status"] == "succeeded" and job["result"]["dim"] == 384
+        assert transport.requests == ["POST /v1/jobs"]
+        with pytest.raises(WaitTimeout) as late:
+            tq.run("embed", {"texts": ["no time at all"]}, timeout=0)
+        assert late.value.job["status"] in ("queued", "running")
+
+
 def test_errors_carry_status_and_detail(tq: Client) -> None:
     with pytest.raises(TensorqError) as bad:
         tq.submit("embed", {"texts": []})
@@ -123,6 +145,8 @@ def test_async_client(service: Service) -> None:
             done = await tq.wait(job["id"], timeout=30, on_change=record)
             assert done["status"] == "succeeded" and done["device"] == "cpu" and seen[-1] == "succeeded"
             assert await tq.get(job["id"]) == done
+            ran = await tq.run("embed", {"texts": ["run in one call"]}, timeout=30)
+            assert ran["status"] == "succeeded" and ran["result"]["dim"] == 384
             ids = await tq.submit_many([("embed", {"texts": ["a"]}), ("embed", {"texts": ["b"]})])
             assert [(await tq.wait(i, timeout=30))["status"] for i in ids] == ["succeeded"] * 2
             page = await tq.list(kind="embed", limit=1)

@@ -80,3 +80,42 @@ def test_events_stream_each_change_and_end_with_the_final_state(client: httpx.Cl
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1]["status"] == "succeeded" and events[-1]["result"]["dim"] == 384
     assert client.get(f"/v1/jobs/{uuid.uuid4()}/events").status_code == 404
+
+
+def test_prefer_wait_answers_the_submit_with_the_finished_job(client: httpx.Client) -> None:
+    r = client.post(
+        "/v1/jobs", json={"kind": "embed", "input": {"texts": ["one request"]}}, headers={"Prefer": "wait=30"}
+    )
+    assert r.status_code == 201, r.text
+    assert r.headers["Preference-Applied"] == "wait=30"
+    job = r.json()
+    assert job["status"] == "succeeded" and job["result"]["dim"] == 384
+    assert r.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert client.get(r.headers["Location"]).json() == job  # the stored job, not a copy made on the way
+
+
+def test_prefer_wait_gives_back_the_job_so_far_when_time_runs_out(client: httpx.Client) -> None:
+    # A failed job is final too; an unparseable wait is refused before anything is stored.
+    before = client.get("/v1/jobs", params={"limit": 200}).json()["items"]
+    bad = client.post(
+        "/v1/jobs", json={"kind": "embed", "input": {"texts": ["x"]}}, headers={"Prefer": "wait=soon"}
+    )
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["header", "prefer"]
+    assert client.get("/v1/jobs", params={"limit": 200}).json()["items"] == before
+    # Other preferences are ignored, as RFC 7240 asks; without wait the answer is the usual 202.
+    plain = client.post(
+        "/v1/jobs", json={"kind": "embed", "input": {"texts": ["x"]}}, headers={"Prefer": "return=minimal"}
+    )
+    assert plain.status_code == 202 and "Preference-Applied" not in plain.headers
+    # wait=0 answers at once with the job as stored.
+    start = time.monotonic()
+    now = client.post(
+        "/v1/jobs", json={"kind": "embed", "input": {"texts": ["x"]}}, headers={"Prefer": "wait=0"}
+    )
+    assert now.status_code == 202 and now.json()["status"] == "queued" and time.monotonic() - start < 2
+    assert now.headers["Preference-Applied"] == "wait=0"
+    # Above the ceiling, the wait is cut to 60 s and says so.
+    long = client.post(
+        "/v1/jobs", json={"kind": "embed", "input": {"texts": ["x"]}}, headers={"Prefer": "wait=600"}
+    )
+    assert long.status_code == 201 and long.headers["Preference-Applied"] == "wait=60"
