@@ -42,7 +42,7 @@ def current_principal(
     return principal
 
 
-def admin_principal(principal: Principal = Depends(current_principal)) -> Principal:
+async def admin_principal(principal: Principal = Depends(current_principal)) -> Principal:
     if not principal.admin:
         raise HTTPException(
             status_code=403, detail="this route needs an admin key (tensorq keys create --admin)"

