@@ -62,3 +62,54 @@ def test_a_bad_job_in_a_batch_fails_alone(client: httpx.Client, service: Service
     bad = wait_job(client, bad_id)
     assert bad["status"] == "failed" and bad["error"]["type"] == "InvalidParams"
     assert all(wait_job(client, i)["status"] == "succeeded" for i in ids)
+
+
+def test_a_batch_finishes_in_one_statement_and_only_where_the_claim_still_holds(pg_url: str) -> None:
+    """PostgreSQL takes a batch's final states as one UPDATE; each row gets its own outcome."""
+    import uuid
+
+    from db.jobs import Outcome, claim_jobs, create_job, finish_jobs, get_job
+    from db.models import JobStatus
+    from db.session import session_scope
+
+    url = Settings(database_url=pg_url).sqlalchemy_url
+    tenant = f"finish-{uuid.uuid4().hex[:8]}"
+    with session_scope(url) as session:
+        ids = [
+            create_job(session, tenant=tenant, kind="embed", params={"texts": [str(i)]}, queue="q-" + tenant,
+                       max_attempts=3, model="m").id
+            for i in range(4)
+        ]  # fmt: skip
+    with session_scope(url) as session:
+        jobs = claim_jobs(
+            session,
+            ids[0],
+            worker="w",
+            device="cpu",
+            lease_seconds=60,
+            also_queued=4,  # may count the named job itself
+            kind="embed",
+            same_as_job=True,
+        )
+    assert sorted(j.id for j in jobs) == sorted(ids)
+    ok, failed, stale, cancelled = jobs
+    outcomes = [
+        Outcome(
+            ok.id, ok.claim_token, JobStatus.SUCCEEDED, result={"v": [0.5, -1e-9]}, metrics={"batch_size": 4}
+        ),
+        Outcome(
+            failed.id, failed.claim_token, JobStatus.FAILED, error_type="Bad", error_message="it's \\ bad"
+        ),
+        Outcome(stale.id, uuid.uuid4(), JobStatus.SUCCEEDED, result={"v": [1.0]}),  # its claim was lost
+        Outcome(cancelled.id, cancelled.claim_token, JobStatus.CANCELLED),
+    ]
+    with session_scope(url) as session:
+        assert finish_jobs(session, outcomes) == {ok.id, failed.id, cancelled.id}
+    with session_scope(url) as session:
+        rows = {i: get_job(session, i) for i in ids}
+    assert rows[ok.id].status == JobStatus.SUCCEEDED and rows[ok.id].result == {"v": [0.5, -1e-9]}
+    assert rows[ok.id].metrics == {"batch_size": 4} and rows[ok.id].lease_expires_at is None
+    assert (rows[failed.id].status, rows[failed.id].error_type) == (JobStatus.FAILED, "Bad")
+    assert rows[failed.id].error_message == "it's \\ bad" and rows[failed.id].result is None
+    assert rows[stale.id].status == JobStatus.RUNNING and rows[stale.id].result is None
+    assert rows[cancelled.id].status == JobStatus.CANCELLED and rows[cancelled.id].finished_at is not None
