@@ -193,6 +193,7 @@ def claim_jobs(
     tenant: str | None = None,
     same_as_job: bool = False,
     same_tenant: bool = True,
+    also_named: Sequence[uuid.UUID] = (),
 ) -> list[Job]:
     """Claim `job_id` and, for batching, up to `also_queued` other queued jobs of the same kind,
     model and queue (`model`/`queue`, or `job_id`'s own with `same_as_job`), oldest first, in one
@@ -200,12 +201,14 @@ def claim_jobs(
     So does the tenant, unless `same_tenant` is False: a model name means a different model in
     another tenant's registry (`tenant`, or `job_id`'s own with `same_as_job`).
     Jobs another worker is claiming right now are skipped (SKIP LOCKED on PostgreSQL; SQLite has
-    a single writer). The job `job_id`, if claimed, comes first.
+    a single writer). `also_named` are more jobs claimed like `job_id` (a message naming a group).
+    The job `job_id`, if claimed, comes first.
     """
     now = utcnow()
     conditions = []
     if job_id is not None:
-        conditions.append(and_(Job.id == job_id, _claimable(now)))
+        named = Job.id.in_([job_id, *also_named]) if also_named else Job.id == job_id
+        conditions.append(and_(named, _claimable(now)))
     if also_queued > 0:
 
         def of_job(column: Any) -> Any:

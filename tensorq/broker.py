@@ -4,8 +4,9 @@ Routing: a job goes to the queue of its kind's category, `inference` or `trainin
 asks for a device, `gpu.<category>` / `cpu.<category>`. GPU workers consume `inference`,
 `training`, `gpu.inference`, `gpu.training`; CPU workers `inference`, `training`, `cpu.inference`,
 `cpu.training`. A message
-carries only the job id (the database row holds params and secrets stay out of Flower), and its
-Celery task id is the job id, so Flower shows which job a task is.
+carries only job ids (the database row holds params and secrets stay out of Flower): one job's, or,
+for jobs submitted together that the worker would batch anyway, a group's. Its Celery task id is
+the (first) job's id, so Flower shows which job a task is.
 """
 
 from __future__ import annotations
@@ -91,10 +92,14 @@ class Publisher:
         self.app.send_task(task_name, args=[job_id], task_id=job_id, queue=queue, retry=False)
 
     def publish_many(self, messages: Iterable[tuple[str, str, str]]) -> None:
+        self.publish_groups((task_name, [job_id], queue) for task_name, job_id, queue in messages)
+
+    def publish_groups(self, groups: Iterable[tuple[str, list[str], str]]) -> None:
+        """One message per group of job ids; its task id is the first job's id."""
         with self.app.producer_or_acquire() as producer:
-            for task_name, job_id, queue in messages:
+            for task_name, job_ids, queue in groups:
                 self.app.send_task(
-                    task_name, args=[job_id], task_id=job_id, queue=queue, producer=producer, retry=False
+                    task_name, args=job_ids, task_id=job_ids[0], queue=queue, producer=producer, retry=False
                 )
 
     def ping(self) -> None:

@@ -17,7 +17,7 @@ import shutil
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,19 +215,23 @@ class Runner:
             resolve_model=functools.partial(self.resolve_model, tenant),
         )
 
-    def run(self, kind_name: str, job_id: str, worker_name: str) -> JobStatus | None:
-        """Run the job a message names (with a batch around it when the kind batches).
+    def run(
+        self, kind_name: str, job_id: str, worker_name: str, also: Sequence[str] = ()
+    ) -> JobStatus | None:
+        """Run the job a message names, and the others it names with it (`also`), with a batch
+        around them when the kind batches.
 
         Returns the job's final status, or None when there was nothing for this message to do.
         """
         jid = uuid.UUID(job_id)
-        if jid in self.finished_in_batches:
+        named = [i for i in (jid, *map(uuid.UUID, also)) if i not in self.finished_in_batches]
+        if not named:
             log.debug("job %s: already finished in a batch here", job_id)
             return None
         kind = get_kind(kind_name)
-        jobs = self.claim(kind, jid, worker_name)
-        if not jobs or jobs[0].id != jid:
-            log.info("job %s: not claimable (finished, cancelled, or held by a live worker)", job_id)
+        jobs = self.claim(kind, named, worker_name)
+        if not jobs or jobs[0].id != named[0]:
+            log.info("job %s: not claimable (finished, cancelled, or held by a live worker)", named[0])
             if not jobs:
                 return None
         metrics.in_flight.inc(len(jobs))
@@ -236,7 +240,10 @@ class Runner:
             self.leases.hold(job.id, job.claim_token)
         self.events.changed((job.id for job in jobs), running=True)
         try:
-            outcomes = self.execute_batch(kind, jobs) if len(jobs) > 1 else [self.execute(kind, jobs[0])]
+            if len(jobs) > 1 and self.batches(kind):
+                outcomes = self.execute_batch(kind, jobs)
+            else:  # one job, or a named group with batching switched off here
+                outcomes = [self.execute(kind, job) for job in jobs]
             tenants = {job.id: job.tenant for job in jobs}
             outcomes, written = with_retries(
                 lambda: self.commit(kind, outcomes, tenants), what=f"finish job {jid}"
@@ -256,8 +263,8 @@ class Runner:
                     "job %s: lost its claim before finishing; result discarded", outcome.job_id,
                     extra={"job_id": str(outcome.job_id)},
                 )  # fmt: skip
-            elif outcome.job_id != jid:
-                self.finished_in_batches.add(outcome.job_id)
+            elif outcome.job_id not in named:
+                self.finished_in_batches.add(outcome.job_id)  # its own message will come
         if len(jobs) > 1:
             log.debug("batch of %d %s jobs finished (%d written)", len(jobs), kind.name, len(written))
         own = next((o for o in outcomes if o.job_id == jid), None)
@@ -266,9 +273,14 @@ class Runner:
         log.debug("job %s: %s", job_id, own.status.value)
         return own.status
 
-    def claim(self, kind: JobKind[Any, Any], jid: uuid.UUID, worker_name: str) -> list[Job]:
+    def batches(self, kind: JobKind[Any, Any]) -> bool:
         s = self.settings
-        batching = s.batching and kind.run_batch is not None and s.batch_max_texts > 1
+        return s.batching and kind.run_batch is not None and s.batch_max_texts > 1
+
+    def claim(self, kind: JobKind[Any, Any], named: list[uuid.UUID], worker_name: str) -> list[Job]:
+        s = self.settings
+        jid = named[0]
+        batching = self.batches(kind)
         common: dict[str, Any] = {
             "worker": worker_name,
             "device": self.device,
@@ -279,8 +291,8 @@ class Runner:
         def claim() -> list[Job]:
             with session_scope(self.database_url) as session:
                 return claim_jobs(
-                    session, jid, **common, also_queued=s.batch_max_texts - 1 if batching else 0,
-                    kind=kind.name, same_as_job=True,
+                    session, jid, **common, also_named=named[1:], kind=kind.name, same_as_job=True,
+                    also_queued=max(0, s.batch_max_texts - len(named)) if batching else 0,
                 )  # fmt: skip
 
         jobs = with_retries(claim, what=f"claim job {jid}")

@@ -49,10 +49,35 @@ MAX_WAIT_S = 60.0
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
 
 
-def publish_after_commit(session: Session, publisher: Publisher, jobs: list[Job]) -> None:
+def message_groups(jobs: list[Job], max_texts: int) -> list[tuple[str, list[str], str]]:
+    """Jobs submitted together that a worker would put in one batch anyway (same batching kind,
+    queue, model and tenant, up to `max_texts` texts) go out as one message naming them all: a
+    message per job made the worker consume, and acknowledge, a message for every job a batch had
+    already finished. Everything else is one message per job."""
+    open_groups: dict[tuple[str, str, str | None, str], tuple[list[str], list[int]]] = {}
+    messages: list[tuple[str, list[str], str]] = []
+    for job in jobs:
+        kind = get_kind(job.kind)
+        if kind.run_batch is None or max_texts <= 1:
+            messages.append((kind.task_name, [str(job.id)], job.queue))
+            continue
+        cost = kind.batch_cost(kind.params.model_construct(**job.params))
+        key = (kind.task_name, job.queue, job.model, job.tenant)
+        ids, texts = open_groups.get(key, ([], [0]))
+        if ids and texts[0] + cost > max_texts:
+            ids, texts = [], [0]
+        if not ids:
+            open_groups[key] = (ids, texts)
+            messages.append((kind.task_name, ids, job.queue))
+        ids.append(str(job.id))
+        texts[0] += cost
+    return messages
+
+
+def publish_after_commit(session: Session, publisher: Publisher, jobs: list[Job], max_texts: int = 1) -> None:
     """The rows are committed; if the broker is away they stay queued for the sweeper to publish."""
     try:
-        publisher.publish_many([(get_kind(job.kind).task_name, str(job.id), job.queue) for job in jobs])
+        publisher.publish_groups(message_groups(jobs, max_texts))
     except Exception as exc:
         log.warning(
             "publish failed for %d job(s), left for the sweeper: %s",
@@ -67,7 +92,8 @@ def publish_after_commit(session: Session, publisher: Publisher, jobs: list[Job]
 def accept(request: Request, session: Session, publisher: Publisher, jobs: list[Job]) -> None:
     """Commit the stored jobs, then publish them, then count them."""
     session.commit()
-    publish_after_commit(session, publisher, jobs)
+    settings: Settings = request.app.state.settings
+    publish_after_commit(session, publisher, jobs, settings.batch_max_texts if settings.batching else 1)
     for kind, n in Counter(job.kind for job in jobs).items():
         request.app.state.metrics.submitted.labels(kind).inc(n)
 

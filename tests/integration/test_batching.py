@@ -7,6 +7,7 @@ import signal
 
 import httpx
 import pytest
+import redis
 import torch
 
 from tasks.context import JobContext
@@ -25,13 +26,18 @@ def test_queued_jobs_share_a_forward_pass_and_each_gets_its_own_result(
 ) -> None:
     texts = [f"sentence number {i} about {'cats' if i % 2 else 'finance'}" for i in range(40)]
     # Pause the worker so all 40 jobs are waiting when it wakes up.
+    broker = redis.Redis.from_url(service.env["TENSORQ_REDIS_URL"])
     os.killpg(service.worker.popen.pid, signal.SIGSTOP)
     try:
+        pushes = broker.info("commandstats").get("cmdstat_lpush", {}).get("calls", 0)
         body = {"jobs": [{"kind": "embed", "input": {"texts": [t]}} for t in texts]}
         r = client.post("/v1/jobs:batch", json=body)
         assert r.status_code == 202, r.text
+        # Submitted together and batchable together: one message names all 40 (40 <= 64 texts).
+        assert broker.info("commandstats")["cmdstat_lpush"]["calls"] - pushes == 1
     finally:
         os.killpg(service.worker.popen.pid, signal.SIGCONT)
+        broker.close()
     ids = r.json()["ids"]
     jobs = [wait_job(client, i) for i in ids]
     assert all(j["status"] == "succeeded" for j in jobs)

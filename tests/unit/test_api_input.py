@@ -159,3 +159,42 @@ def test_hostile_bodies_are_4xx_json_and_store_nothing(api: TestClient, raw: byt
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     assert r.headers["content-type"] == "application/json" and "detail" in r.json()
     assert job_count(api.sqlite_url) == 0  # type: ignore[attr-defined]
+
+
+def test_jobs_submitted_together_go_out_in_as_few_messages_as_one_batch_would_take() -> None:
+    import uuid
+
+    from api.routes.jobs import message_groups
+
+    def job(
+        kind: str, texts: int = 1, tenant: str = "a", model: str | None = "m", queue: str = "inference"
+    ) -> Job:
+        params: dict[str, object] = {"texts": ["x"] * texts}
+        if kind == "classify":
+            params["model"] = model or ""
+        if kind == "train-text-classifier":
+            params = {"dataset": str(uuid.uuid4()), "model": "clf"}
+        return Job(id=uuid.uuid4(), kind=kind, tenant=tenant, model=model, queue=queue, params=params)
+
+    embeds = [job("embed") for _ in range(5)]
+    other_tenant, gpu = job("embed", tenant="b"), job("embed", queue="gpu.inference")
+    big = [job("embed", texts=30), job("embed", texts=30), job("embed", texts=30)]
+    classify = [job("classify", model="sentiment:1"), job("classify", model="spam:2")]
+    train = [job("train-text-classifier", model="clf"), job("train-text-classifier", model="clf")]
+    jobs = [*embeds[:3], other_tenant, *embeds[3:], gpu, *big, *classify, *train]
+    messages = message_groups(jobs, max_texts=64)
+    named = [(task, [uuid.UUID(i) for i in ids], queue) for task, ids, queue in messages]
+    assert named == [
+        ("tensorq.embed", [j.id for j in [*embeds, big[0]]], "inference"),  # 5 + 30 texts <= 64
+        ("tensorq.embed", [other_tenant.id], "inference"),  # another tenant's jobs never share a message
+        ("tensorq.embed", [gpu.id], "gpu.inference"),  # nor another queue's
+        ("tensorq.embed", [big[1].id, big[2].id], "inference"),  # 35 + 30 > 64 starts a new one
+        ("tensorq.classify", [classify[0].id], "inference"),
+        ("tensorq.classify", [classify[1].id], "inference"),  # another model
+        ("tensorq.train_text_classifier", [train[0].id], "inference"),  # no batching: one each
+        ("tensorq.train_text_classifier", [train[1].id], "inference"),
+    ]
+    # Everything in exactly one message, in submission order within each message.
+    assert sorted(i for _, ids, _ in named for i in ids) == sorted(j.id for j in jobs)
+    # Batching off (group size 1): one message per job, as before.
+    assert [ids for _, ids, _ in message_groups(jobs, max_texts=1)] == [[str(j.id)] for j in jobs]
