@@ -95,6 +95,29 @@ def test_broker_down_still_accepts_and_keeps_the_job_for_the_sweeper(api: TestCl
     assert ready.json()["checks"]["database"] == "ok"
 
 
+def test_while_the_broker_is_down_submissions_do_not_each_wait_for_it(api: TestClient) -> None:
+    # kombu retried every publish for seconds; after one failure the publisher now stops trying
+    # for a moment, and the jobs wait for the sweeper instead.
+    publisher = api.app.state.publisher  # type: ignore[attr-defined]
+    attempts = []
+    real = publisher.app.send_task
+
+    def counted(*args: object, **kwargs: object) -> object:
+        attempts.append(1)
+        return real(*args, **kwargs)
+
+    publisher.app.send_task = counted
+    first = api.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["a"]}})
+    second = api.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["b"]}})
+    assert (first.status_code, second.status_code) == (202, 202)
+    assert len(attempts) == 1  # the second did not try the dead broker again
+    publisher._down_until = 0.0  # the moment has passed: the next one tries again
+    assert api.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["c"]}}).status_code == 202
+    assert len(attempts) == 2
+    for r in (first, second):
+        assert api.get(r.headers["location"]).json()["status"] == "queued"  # kept for the sweeper
+
+
 def test_openapi_documents_every_route_with_models(api: TestClient) -> None:
     doc = api.get("/openapi.json").json()
     schemas = doc["components"]["schemas"]
