@@ -54,7 +54,7 @@ def message_groups(jobs: list[Job], max_texts: int) -> list[tuple[str, list[str]
     queue, model and tenant, up to `max_texts` texts) go out as one message naming them all: a
     message per job made the worker consume, and acknowledge, a message for every job a batch had
     already finished. Everything else is one message per job."""
-    open_groups: dict[tuple[str, str, str | None, str], tuple[list[str], list[int]]] = {}
+    open_groups: dict[tuple[str, str, str | None, str], tuple[list[str], int]] = {}  # -> (ids, texts)
     messages: list[tuple[str, list[str], str]] = []
     for job in jobs:
         kind = get_kind(job.kind)
@@ -63,14 +63,12 @@ def message_groups(jobs: list[Job], max_texts: int) -> list[tuple[str, list[str]
             continue
         cost = kind.batch_cost(kind.params.model_construct(**job.params))
         key = (kind.task_name, job.queue, job.model, job.tenant)
-        ids, texts = open_groups.get(key, ([], [0]))
-        if ids and texts[0] + cost > max_texts:
-            ids, texts = [], [0]
-        if not ids:
-            open_groups[key] = (ids, texts)
+        ids, texts = open_groups.get(key, ([], 0))
+        if not ids or texts + cost > max_texts:
+            ids, texts = [], 0
             messages.append((kind.task_name, ids, job.queue))
         ids.append(str(job.id))
-        texts[0] += cost
+        open_groups[key] = (ids, texts + cost)
     return messages
 
 
