@@ -21,6 +21,7 @@ from sqlalchemy import ColumnElement, and_, bindparam, column, func, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from db.locking import pick_for_update
 from db.models import Job, JobStatus, WebhookState, utcnow
 
 
@@ -228,8 +229,7 @@ def claim_jobs(
         )
         if same_tenant:
             others = others.where(Job.tenant == (of_job(Job.tenant) if same_as_job else tenant))
-        if session.get_bind().dialect.name == "postgresql":
-            others = others.with_for_update(skip_locked=True)
+        others = pick_for_update(session, others, "claimable")
         conditions.append(and_(Job.id.in_(others), Job.status == JobStatus.QUEUED))
     if not conditions:
         return []

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from db.locking import pick_for_update
 from db.models import Job, JobStatus, WebhookState, utcnow
 
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
@@ -30,8 +31,7 @@ def claim_due_webhooks(session: Session, *, limit: int, lease_seconds: float) ->
         .order_by(Job.finished_at)
         .limit(limit)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        due = due.with_for_update(skip_locked=True)
+    due = pick_for_update(session, due, "due_webhooks")
     stmt = (
         update(Job)
         .where(Job.id.in_(due), Job.webhook_state == WebhookState.PENDING)

@@ -1,0 +1,72 @@
+"""Claims on real PostgreSQL take exactly as many rows as asked, whatever plan the planner picks.
+
+Each test uses a database created moments before, whose table has no statistics yet: there the
+planner rescans an `IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` subquery for each candidate
+row, which once let a batch top-up for 11 jobs claim all 483 queued ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import func, select
+
+from db.jobs import Outcome, claim_jobs, create_job, finish_jobs
+from db.models import Job, JobStatus
+from db.session import session_scope
+from db.webhooks import claim_due_webhooks
+from tensorq.settings import Settings
+from tests.conftest import POSTGRES_ADMIN_URL
+from tests.helpers import create_database, drop_database
+
+pytestmark = pytest.mark.integration
+
+CLAIM = {"worker": "w", "device": "cpu", "lease_seconds": 60}
+
+
+@pytest.fixture
+def fresh_url() -> Iterator[str]:
+    url = create_database(POSTGRES_ADMIN_URL, prefix="tensorq_claims")
+    yield Settings(database_url=url).sqlalchemy_url
+    drop_database(POSTGRES_ADMIN_URL, url)
+
+
+def queue_jobs(url: str, n: int, webhook_url: str | None = None) -> list[object]:
+    with session_scope(url) as session:
+        return [
+            create_job(session, tenant="t", kind="embed", params={"texts": [str(i)]}, queue="inference",
+                       max_attempts=3, webhook_url=webhook_url).id
+            for i in range(n)
+        ]  # fmt: skip
+
+
+def test_a_batch_top_up_claims_at_most_what_it_asks_for_oldest_first(fresh_url: str) -> None:
+    ids = queue_jobs(fresh_url, 120)
+    with session_scope(fresh_url) as session:
+        jobs = claim_jobs(session, None, **CLAIM, also_queued=11, kind="embed", queue="inference", tenant="t")
+    assert [j.id for j in jobs] == ids[:11]
+    with session_scope(fresh_url) as session:
+        named = claim_jobs(
+            session, ids[50], **CLAIM, also_named=[ids[51]], also_queued=5, kind="embed", same_as_job=True
+        )
+    # The named jobs, and the five oldest still queued; the message's own job first.
+    assert named[0].id == ids[50]
+    assert {j.id for j in named} == {ids[50], ids[51], *ids[11:16]}
+    with session_scope(fresh_url) as session:
+        running = session.scalar(select(func.count()).where(Job.status == JobStatus.RUNNING))
+    assert running == 18
+
+
+def test_due_webhooks_are_claimed_up_to_the_limit(fresh_url: str) -> None:
+    ids = queue_jobs(fresh_url, 40, webhook_url="https://example.com/hook")
+    with session_scope(fresh_url) as session:
+        jobs = claim_jobs(session, None, **CLAIM, also_queued=40, kind="embed", queue="inference", tenant="t")
+    assert len(jobs) == 40
+    with session_scope(fresh_url) as session:
+        written = finish_jobs(session, [Outcome(j.id, j.claim_token, JobStatus.SUCCEEDED) for j in jobs])
+    assert written == set(ids)
+    with session_scope(fresh_url) as session:
+        assert len(claim_due_webhooks(session, limit=3, lease_seconds=30)) == 3
+    with session_scope(fresh_url) as session:
+        assert len(claim_due_webhooks(session, limit=100, lease_seconds=30)) == 37
