@@ -229,6 +229,8 @@ def claim_jobs(
         )
         if same_tenant:
             others = others.where(Job.tenant == (of_job(Job.tenant) if same_as_job else tenant))
+        if job_id is not None:  # so the named jobs do not use up the `also_queued` places
+            others = others.where(Job.id.not_in([job_id, *also_named]))
         others = pick_for_update(session, others, "claimable")
         conditions.append(and_(Job.id.in_(others), Job.status == JobStatus.QUEUED))
     if not conditions:

@@ -34,7 +34,9 @@ class ArtifactStore:
         return full.relative_to(self.root).as_posix()
 
     def job_dir(self, job_id: uuid.UUID) -> Path:
-        return self.path(f"jobs/{uuid.UUID(str(job_id))}")
+        # A UUID's text cannot escape the root, so no resolve(): it cost ~30 us a job, and every
+        # finished job is checked for a work dir (4 ms per batch of 128).
+        return self.root / "jobs" / str(uuid.UUID(str(job_id)))
 
     def dataset_relpath(self, dataset_id: uuid.UUID) -> str:
         return f"datasets/{uuid.UUID(str(dataset_id))}.jsonl"

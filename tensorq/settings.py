@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     model_cache_bytes: int = Field(default=4 * 1024**3, ge=0)
     # Dynamic micro-batching of inference jobs (see worker/runner.py).
     batching: bool = True
-    batch_max_texts: int = Field(default=64, ge=1, le=4096)
+    batch_max_texts: int = Field(default=128, ge=1, le=4096)
     batch_max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
 
     # Per-kind (soft, hard) time limits in seconds overriding the kinds' own, e.g.

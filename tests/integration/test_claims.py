@@ -54,8 +54,12 @@ def test_a_batch_top_up_claims_at_most_what_it_asks_for_oldest_first(fresh_url: 
     assert named[0].id == ids[50]
     assert {j.id for j in named} == {ids[50], ids[51], *ids[11:16]}
     with session_scope(fresh_url) as session:
+        oldest = claim_jobs(session, ids[16], **CLAIM, also_queued=3, kind="embed", same_as_job=True)
+    # The named job, the oldest queued, does not take one of the three places itself.
+    assert [j.id for j in oldest] == ids[16:20]
+    with session_scope(fresh_url) as session:
         running = session.scalar(select(func.count()).where(Job.status == JobStatus.RUNNING))
-    assert running == 18
+    assert running == 22
 
 
 def test_due_webhooks_are_claimed_up_to_the_limit(fresh_url: str) -> None:

@@ -20,7 +20,7 @@ from db.jobs import Outcome, cancel_job, claim_job, create_job, finish_jobs
 from db.models import Dataset, Job, JobStatus, utcnow
 from db.registry import create_dataset, register_version
 from db.retention import PruneReport, Skipped, prune, prune_results
-from db.session import get_sessionmaker
+from db.session import dumps_json, get_sessionmaker
 from tensorq.artifacts import ArtifactStore
 from tensorq.retention_cli import parse_duration, register
 from tensorq.settings import get_settings
@@ -262,8 +262,9 @@ def test_a_job_finished_after_the_cutoff_is_not_touched(session: Session, store:
 
 def test_results_are_cleared_in_batches(session: Session) -> None:
     jobs = [finished_job(session, age=OLD, result={"i": i}) for i in range(5)]
-    assert prune_results(session, cutoff=cutoff(), apply=False) == (5, 5 * len('{"i": 0}'))
-    assert prune_results(session, cutoff=cutoff(), apply=True, batch=2) == (5, 5 * len('{"i": 0}'))
+    stored = len(dumps_json({"i": 0}))  # SQLite keeps the JSON text as written
+    assert prune_results(session, cutoff=cutoff(), apply=False) == (5, 5 * stored)
+    assert prune_results(session, cutoff=cutoff(), apply=True, batch=2) == (5, 5 * stored)
     assert [result_of(session, j) for j in jobs] == [None] * 5
 
 
