@@ -74,3 +74,17 @@ def test_due_webhooks_are_claimed_up_to_the_limit(fresh_url: str) -> None:
         assert len(claim_due_webhooks(session, limit=3, lease_seconds=30)) == 3
     with session_scope(fresh_url) as session:
         assert len(claim_due_webhooks(session, limit=100, lease_seconds=30)) == 37
+
+
+def test_a_result_with_nan_and_integer_keys_is_stored_as_valid_json(fresh_url: str) -> None:
+    """A training metric can be NaN, and a label map can have integer keys: json.dumps wrote
+    `NaN`, which PostgreSQL's jsonb rejects, so such a job could not be finished at all."""
+    [job_id] = queue_jobs(fresh_url, 1)
+    with session_scope(fresh_url) as session:
+        [job] = claim_jobs(session, job_id, **CLAIM)  # type: ignore[arg-type]
+        result = {"loss": float("nan"), "labels": {0: "neg", 1: "pos"}}
+        assert finish_jobs(session, [Outcome(job.id, job.claim_token, JobStatus.SUCCEEDED, result=result)])
+    with session_scope(fresh_url) as session:
+        stored = session.get(Job, job_id)
+        assert stored is not None and stored.status == JobStatus.SUCCEEDED
+        assert stored.result == {"loss": None, "labels": {"0": "neg", "1": "pos"}}
