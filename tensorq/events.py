@@ -35,13 +35,15 @@ class EventPublisher:
         job_ids: Iterable[uuid.UUID],
         finished: list[dict[str, Any]] | None = None,
         running: bool = False,
+        final: bool = False,
     ) -> None:
         """`finished` carries {kind, status, queue_s, run_s} per finished job, for the API's metrics;
-        `running` says the jobs are running (claimed, or progress): no news for a wait on the end."""
+        `running` says the jobs are running (claimed, or progress): no news for a wait on the end;
+        `final` says every one of them is in a final state, committed (see worker/finished.py)."""
         ids = [str(i) for i in job_ids]
         if not ids:
             return
-        message = {"ids": ids, "finished": finished or [], "running": running}
+        message = {"ids": ids, "finished": finished or [], "running": running, "final": final}
         try:
             self.client.publish(CHANNEL, json.dumps(message))
         except redis.RedisError as exc:

@@ -23,6 +23,7 @@ from tasks.registry import JobKind, all_kinds, get_kind
 from tensorq.broker import make_celery
 from tensorq.logs import configure_logging, job_context
 from tensorq.settings import get_settings
+from worker.finished import FinishedJobs, skipping_strategy
 from worker.runner import Runner, torch_device
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,18 @@ def get_runner() -> Runner:
     return Runner(get_settings(), republish=republish)
 
 
+# Messages whose jobs another message's batch (or another worker) already finished are
+# acknowledged in this main process, without a trip through the pool (see worker/finished.py).
+finished_jobs = FinishedJobs(get_settings().redis_url)
+
+
 def _register(kind: JobKind[Any, Any]) -> None:
     soft, hard = get_settings().time_limits.get(kind.name, (kind.soft_time_limit, kind.time_limit))
 
-    @app.task(name=kind.task_name, bind=True, soft_time_limit=soft, time_limit=hard)
+    @app.task(
+        name=kind.task_name, bind=True, soft_time_limit=soft, time_limit=hard,
+        Strategy=staticmethod(skipping_strategy(finished_jobs)),  # a class attribute: not bound
+    )  # fmt: skip
     def run_job(self: Task, job_id: str, *more_job_ids: str) -> str | None:
         # A message names one job, or a group submitted together (see api.routes.jobs.message_groups).
         with job_context(job_id):
@@ -130,4 +139,4 @@ def _fail_on_hard_time_limit(
             )  # fmt: skip
         if failed:
             log.error("job %s: hard time limit exceeded, failed", job_id, extra={"job_id": str(job_id)})
-            get_runner().events.changed([job_id])
+            get_runner().events.changed([job_id], final=True)

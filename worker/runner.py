@@ -249,7 +249,7 @@ class Runner:
                 lambda: self.commit(kind, outcomes, tenants), what=f"finish job {jid}"
             )
             self.clean_work_dirs([o for o in outcomes if o.job_id in written])
-            self.events.changed(written, finished=finished_info(jobs, outcomes, written))
+            self.events.changed(written, finished=finished_info(jobs, outcomes, written), final=True)
             for o in outcomes:
                 if o.job_id in written:
                     metrics.jobs_finished.labels(kind.name, o.status.value).inc()

@@ -357,7 +357,7 @@ def cancel(
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
     # Wake long-polls and event streams on every API replica (a queued job just became final).
-    request.app.state.event_publisher.changed([job_id])
+    request.app.state.event_publisher.changed([job_id], final=job.status.terminal)
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise HTTPException(status_code=409, detail=f"job already {job.status.value}")
     return JobOut.from_row(job)

@@ -15,7 +15,7 @@ from tasks.embed import EmbedParams, run
 from tensorq.broker import Publisher
 from tensorq.settings import Settings
 from tests.conftest import Service
-from tests.helpers import insert_queued_embed_row, tenant_of, wait_job
+from tests.helpers import insert_queued_embed_row, tenant_of, wait_job, wait_until
 from worker.model_cache import ModelCache
 
 pytestmark = pytest.mark.integration
@@ -119,3 +119,39 @@ def test_a_batch_finishes_in_one_statement_and_only_where_the_claim_still_holds(
     assert rows[failed.id].error_message == "it's \\ bad" and rows[failed.id].result is None
     assert rows[stale.id].status == JobStatus.RUNNING and rows[stale.id].result is None
     assert rows[cancelled.id].status == JobStatus.CANCELLED and rows[cancelled.id].finished_at is not None
+
+
+def test_messages_of_jobs_another_batch_finished_never_reach_the_pool(
+    client: httpx.Client, service: Service
+) -> None:
+    """With a POST per job each job has its own message; once a batch has finished the others'
+    jobs, the worker's main process acknowledges their messages without running a task."""
+    from tensorq.broker import make_celery
+
+    control = make_celery(Settings(redis_url=service.env["TENSORQ_REDIS_URL"]))
+
+    def tasks_run() -> int:
+        stats = control.control.inspect(timeout=5, limit=1).stats() or {}  # one worker: its reply
+        return sum(node["total"].get("tensorq.embed", 0) for node in stats.values())
+
+    before = tasks_run()
+    broker = redis.Redis.from_url(service.env["TENSORQ_REDIS_URL"])
+    os.killpg(service.worker.popen.pid, signal.SIGSTOP)
+    try:
+        ids = [
+            client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": [f"own message {i}"]}}).json()[
+                "id"
+            ]
+            for i in range(20)
+        ]
+    finally:
+        os.killpg(service.worker.popen.pid, signal.SIGCONT)
+    jobs = [wait_job(client, i) for i in ids]
+    assert all(j["status"] == "succeeded" for j in jobs)
+    # Every message is consumed and acknowledged (kombu's Redis layout), none left for later.
+    wait_until(lambda: not broker.llen("inference") and not broker.hlen("unacked"), timeout=30)
+    broker.close()
+    # A task per batch ran them; the other messages were acknowledged without one (slack of two
+    # for a message fetched before its batch's finish event reached the main process).
+    batches = round(sum(1 / j["metrics"]["batch_size"] for j in jobs))
+    assert batches <= tasks_run() - before <= batches + 2 < 20

@@ -14,7 +14,7 @@ import torch
 from tasks.context import JobContext
 from tasks.embed import EmbedParams, run
 from tests.conftest import Service
-from tests.helpers import wait_job
+from tests.helpers import insert_queued_embed_row, tenant_of, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -78,21 +78,48 @@ def test_health_and_readiness(client: httpx.Client) -> None:
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "redis": "ok"}
 
 
-def test_redelivered_message_for_a_finished_job_does_nothing(client: httpx.Client, service: Service) -> None:
+def publish_again(service: Service, job_id: str) -> None:
     from tensorq.broker import Publisher
     from tensorq.settings import Settings
 
-    job = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["once"]}}).json()
-    first = wait_job(client, job["id"])
     publisher = Publisher(Settings(redis_url=service.env["TENSORQ_REDIS_URL"]))
-    publisher.publish("tensorq.embed", job["id"], "inference")
+    publisher.publish("tensorq.embed", job_id, "inference")
     publisher.close()
-    marker = f"job {job['id']}: not claimable"
+
+
+def finished_behind_the_workers_back(client: httpx.Client, pg_url: str) -> str:
+    """A succeeded job whose finish no worker announced: its message must reach a pool child."""
+    job_id = insert_queued_embed_row(pg_url, tenant_of(client), {"texts": ["elsewhere"]}, published=True)
+    with psycopg.connect(pg_url) as conn:
+        conn.execute(
+            "UPDATE jobs SET status = 'succeeded', attempts = 1, started_at = now(), finished_at = now()"
+            " WHERE id = %s",
+            (job_id,),
+        )
+    return job_id
+
+
+def test_redelivered_message_for_a_finished_job_does_nothing(
+    client: httpx.Client, service: Service, pg_url: str
+) -> None:
     from tests.helpers import wait_until
 
-    wait_until(lambda: marker in service.worker.log(), timeout=30, what="duplicate message handled")
+    broker = redis.Redis.from_url(service.env["TENSORQ_REDIS_URL"])
+    job = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["once"]}}).json()
+    first = wait_job(client, job["id"])
+    # This worker announced the finish: its main process acknowledges the duplicate itself.
+    publish_again(service, job["id"])
+    wait_until(lambda: not broker.llen("inference") and not broker.hlen("unacked"), timeout=30)
     again = client.get(f"/v1/jobs/{job['id']}").json()
     assert again["attempts"] == 1 and again["finished_at"] == first["finished_at"]
+    assert f"job {job['id']}: not claimable" not in service.worker.log()
+    # A job finished where this worker did not hear of it: the pool child's claim refuses it.
+    other = finished_behind_the_workers_back(client, pg_url)
+    before = client.get(f"/v1/jobs/{other}").json()
+    publish_again(service, other)
+    wait_until(lambda: f"job {other}: not claimable" in service.worker.log(), timeout=30)
+    assert client.get(f"/v1/jobs/{other}").json() == before
+    broker.close()
 
 
 def test_rejected_input_stores_and_enqueues_nothing(
@@ -136,17 +163,14 @@ def test_device_requirements_route_to_fitting_queues(client: httpx.Client) -> No
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "device"]
 
 
-def test_worker_log_lines_about_a_job_carry_its_id(client: httpx.Client, service: Service) -> None:
-    from tensorq.broker import Publisher
-    from tensorq.settings import Settings
+def test_worker_log_lines_about_a_job_carry_its_id(
+    client: httpx.Client, service: Service, pg_url: str
+) -> None:
     from tests.helpers import wait_until
 
-    job = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["logged"]}}).json()
-    wait_job(client, job["id"])
-    # A duplicate message makes the worker log a line about this job ("not claimable").
-    publisher = Publisher(Settings(redis_url=service.env["TENSORQ_REDIS_URL"]))
-    publisher.publish("tensorq.embed", job["id"], "inference")
-    publisher.close()
+    # A message for a job finished elsewhere makes the worker log a line about it ("not claimable").
+    job = {"id": finished_behind_the_workers_back(client, pg_url)}
+    publish_again(service, job["id"])
     wait_until(lambda: f"job {job['id']}: not claimable" in service.worker.log(), timeout=30)
     lines = [json.loads(line) for line in service.worker.log().splitlines() if line.startswith("{")]
     assert lines, "the worker should log JSON lines when not on a terminal"

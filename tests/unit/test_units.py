@@ -153,3 +153,21 @@ def test_a_wait_for_the_end_is_not_woken_by_a_running_job() -> None:
         assert not listener._waiters and not listener._end_waiters  # nothing left behind
 
     asyncio.run(check())
+
+
+def test_only_final_job_events_mark_messages_as_done() -> None:
+    """The worker's main process acknowledges a message without running it only when every job
+    it names was reported in a final state (a cancel request for a running job is not one)."""
+    import json
+    import uuid
+
+    from worker.finished import FinishedJobs
+
+    finished = FinishedJobs("redis://127.0.0.1:1/0")  # never started: events are fed by hand
+    a, b, c = (str(uuid.uuid4()) for _ in range(3))
+    finished._on_event(json.dumps({"ids": [a, b], "running": False, "final": True}))
+    finished._on_event(json.dumps({"ids": [c], "running": False, "final": False}))  # cancel requested
+    finished._on_event(json.dumps({"ids": [c], "running": True}))  # claimed
+    finished._on_event(b"not json")
+    assert finished.hold_all([a]) and finished.hold_all([b, a])
+    assert not finished.hold_all([a, c]) and not finished.hold_all([c]) and not finished.hold_all([])
