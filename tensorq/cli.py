@@ -81,6 +81,9 @@ def worker(
     os.environ["TENSORQ_WORKER_DEVICE"] = plan.device
     get_settings.cache_clear()
     settings = get_settings()
+    if settings.omp_spin_count is not None:
+        # libgomp reads it once, when torch loads it (not yet imported here).
+        os.environ["GOMP_SPINCOUNT"] = str(settings.omp_spin_count)
     configure_logging(settings.log_level, settings.log_format)
     from tensorq.broker import queues_for_worker
     from worker.celery_app import app as celery_app

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     # Prometheus endpoint of each worker process: this port on CPU, port + 1 + i on GPU i; 0 = off.
     worker_metrics_port: int = Field(default=9101, ge=0, le=65535)
     torch_threads: int | None = None
+    # How long libgomp's idle threads (PyTorch's CPU threads) spin before sleeping, as GOMP_SPINCOUNT.
+    # libgomp's own default (300000) spins ~1 ms after every forward pass, on cores the API and
+    # PostgreSQL need on a shared machine; None (only in code) leaves it. See docs/performance.md.
+    omp_spin_count: int | None = Field(default=10_000, ge=0)
     model_cache_bytes: int = Field(default=4 * 1024**3, ge=0)
     # Dynamic micro-batching of inference jobs (see worker/runner.py).
     batching: bool = True

@@ -96,7 +96,11 @@ def _prepare_process(**_: Any) -> None:
     for kind in all_kinds().values():
         if kind.warmup is not None:
             kind.warmup(runner.context(None))
-    log.info("worker process ready on %s with %d torch threads", runner.device, threads)
+    # What libgomp itself read (set by `tensorq worker` from TENSORQ_OMP_SPIN_COUNT), not a setting.
+    spin = os.environ.get("GOMP_SPINCOUNT", "libgomp default")
+    log.info(
+        "worker process ready on %s with %d torch threads, GOMP_SPINCOUNT=%s", runner.device, threads, spin
+    )
 
 
 worker_process_init.connect(_prepare_process)

@@ -155,3 +155,10 @@ def test_messages_of_jobs_another_batch_finished_never_reach_the_pool(
     # for a message fetched before its batch's finish event reached the main process).
     batches = round(sum(1 / j["metrics"]["batch_size"] for j in jobs))
     assert batches <= tasks_run() - before <= batches + 2 < 20
+
+
+def test_the_workers_torch_threads_spin_only_briefly(service: Service) -> None:
+    """TENSORQ_OMP_SPIN_COUNT (default 10000) is in libgomp's environment in the process that runs
+    the model, set before torch was imported there."""
+    assert "worker process ready on cpu with" in service.worker.log()
+    assert "GOMP_SPINCOUNT=10000" in service.worker.log()
