@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     # libgomp's own default (300000) spins ~1 ms after every forward pass, on cores the API and
     # PostgreSQL need on a shared machine; None (only in code) leaves it. See docs/performance.md.
     omp_spin_count: int | None = Field(default=10_000, ge=0)
+    # Inference forward passes over at most this many texts run on one CPU thread; 0 = never.
+    one_thread_max_texts: int = Field(default=2, ge=0)
     model_cache_bytes: int = Field(default=4 * 1024**3, ge=0)
     # Dynamic micro-batching of inference jobs (see worker/runner.py).
     batching: bool = True

@@ -10,6 +10,7 @@ find them finished (or held by a live lease) and are acknowledged as duplicates.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -122,15 +123,33 @@ def finished_info(jobs: list[Job], outcomes: list[Outcome], written: set[uuid.UU
     return info
 
 
-def run_metrics(batch_size: int, started: float) -> dict[str, Any]:
-    """Recorded on the job: how many jobs shared its forward pass, and how long that took."""
+def run_metrics(batch_size: int, started: float, cpu_threads: int | None) -> dict[str, Any]:
+    """Recorded on the job: how many jobs shared its forward pass, how long that took, and on how
+    many CPU threads (None on a GPU)."""
     metrics.batch_size.observe(batch_size)
-    return {"batch_size": batch_size, "run_ms": round((time.perf_counter() - started) * 1000, 3)}
+    recorded = {"batch_size": batch_size, "run_ms": round((time.perf_counter() - started) * 1000, 3)}
+    return recorded if cpu_threads is None else {**recorded, "cpu_threads": cpu_threads}
 
 
 def torch_device(recorded_device: str) -> str:
     """The device inside a pinned process: CUDA_VISIBLE_DEVICES leaves it one GPU, always cuda:0."""
     return "cuda:0" if recorded_device.startswith("cuda") else "cpu"
+
+
+@contextlib.contextmanager
+def torch_threads(one: bool) -> Iterator[int]:
+    """Torch's CPU threads for one run: one if `one` (see `Runner.small_forward`), else as set."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if not one:
+        yield threads
+        return
+    torch.set_num_threads(1)
+    try:
+        yield 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def chunks_by_cost(
@@ -273,6 +292,24 @@ class Runner:
         log.debug("job %s: %s", job_id, own.status.value)
         return own.status
 
+    def cpu_threads(self, threads: int | None) -> int | None:
+        return threads if torch_device(self.device) == "cpu" else None
+
+    def small_forward(self, kind: JobKind[Any, Any], work: dict[str, Any] | int) -> bool:
+        """Whether an inference forward pass is small enough for one CPU thread.
+
+        Waking the second OpenMP thread after an idle spell cost a lone one-text job 12-24 ms of
+        model time on a 2-vCPU VM, against 9 on one thread (docs/performance.md)."""
+        limit = self.settings.one_thread_max_texts
+        if limit <= 0 or kind.run_batch is None or torch_device(self.device) != "cpu":
+            return False
+        if isinstance(work, dict):
+            try:
+                work = kind.batch_cost(kind.params.model_construct(**work))
+            except Exception:
+                return False
+        return work <= limit
+
     def batches(self, kind: JobKind[Any, Any]) -> bool:
         s = self.settings
         return s.batching and kind.run_batch is not None and s.batch_max_texts > 1
@@ -320,14 +357,15 @@ class Runner:
             report=progress,
             cancel_requested=self.cancel_check(jid),
         )
-        started = time.perf_counter()
+        started, threads = time.perf_counter(), None
         try:
-            result = kind.run_json(job.params, ctx)
+            with torch_threads(self.small_forward(kind, job.params)) as threads:
+                result = kind.run_json(job.params, ctx)
             progress.flush()
             outcome = Outcome(jid, token, JobStatus.SUCCEEDED, result=result)
         except Exception as exc:
             outcome = outcome_of_error(job, exc)
-        return dataclasses.replace(outcome, metrics=run_metrics(1, started))
+        return dataclasses.replace(outcome, metrics=run_metrics(1, started, self.cpu_threads(threads)))
 
     def cancel_check(self, jid: uuid.UUID, every: float = 0.5) -> Callable[[], bool]:
         """A cheap check a kind may call every step: the database is asked at most every `every` s."""
@@ -453,7 +491,10 @@ class Runner:
         for chunk in chunks_by_cost(valid, kind, self.settings.batch_max_texts):
             started = time.perf_counter()
             try:
-                results = kind.run_batch([params for _, params in chunk], ctx)
+                with torch_threads(
+                    self.small_forward(kind, sum(kind.batch_cost(p) for _, p in chunk))
+                ) as threads:
+                    results = kind.run_batch([params for _, params in chunk], ctx)
             except Exception as exc:
                 if len(chunk) == 1 or isinstance(exc, SoftTimeLimitExceeded):
                     outcomes += [outcome_of_error(job, exc) for job, _ in chunk]
@@ -464,7 +505,7 @@ class Runner:
                 )
                 outcomes += [self.execute(kind, job) for job, _ in chunk]
                 continue
-            metrics = run_metrics(len(chunk), started)
+            metrics = run_metrics(len(chunk), started, self.cpu_threads(threads))
             for (job, _), result in zip(chunk, results, strict=True):
                 assert job.claim_token is not None
                 outcomes.append(

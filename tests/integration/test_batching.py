@@ -46,6 +46,10 @@ def test_queued_jobs_share_a_forward_pass_and_each_gets_its_own_result(
     assert round(passes) < len(jobs) / 2, [j["metrics"] for j in jobs]
     # One transaction per batch: jobs of a batch share finished_at.
     assert len({j["finished_at"] for j in jobs}) == round(passes)
+    # A batch of more than two texts runs on every core's thread; a text or two on one thread.
+    for job in jobs:
+        threads = 1 if job["metrics"]["batch_size"] <= 2 else os.cpu_count()
+        assert job["metrics"]["cpu_threads"] == threads, job["metrics"]
     ctx = JobContext(models=ModelCache(budget_bytes=2**32))  # load the model once for all 40
     for job, text in zip(jobs, texts, strict=True):
         alone = run(EmbedParams(texts=[text]), ctx).embeddings[0]
@@ -162,3 +166,14 @@ def test_the_workers_torch_threads_spin_only_briefly(service: Service) -> None:
     the model, set before torch was imported there."""
     assert "worker process ready on cpu with" in service.worker.log()
     assert "GOMP_SPINCOUNT=10000" in service.worker.log()
+
+
+def test_a_lone_small_job_runs_on_one_thread(client: httpx.Client) -> None:
+    """Waking torch's second OpenMP thread after an idle spell cost a lone job more than its
+    forward pass on one thread (docs/performance.md): one or two texts run on one thread."""
+    job = client.post(
+        "/v1/jobs", json={"kind": "embed", "input": {"texts": ["alone"]}}, headers={"Prefer": "wait=30"}
+    )
+    assert job.status_code == 201, job.text
+    metrics = job.json()["metrics"]
+    assert metrics["batch_size"] == 1 and metrics["cpu_threads"] == 1
