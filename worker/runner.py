@@ -154,18 +154,19 @@ def torch_threads(one: bool) -> Iterator[int]:
 
 def chunks_by_cost(
     items: list[tuple[Job, BaseModel]], kind: JobKind[Any, Any], max_cost: int
-) -> Iterator[list[tuple[Job, BaseModel]]]:
+) -> Iterator[tuple[list[tuple[Job, BaseModel]], int]]:
+    """Consecutive chunks of at most `max_cost` (a lone item may exceed it), each with its cost."""
     chunk: list[tuple[Job, BaseModel]] = []
     cost = 0
     for job, params in items:
         c = kind.batch_cost(params)
         if chunk and cost + c > max_cost:
-            yield chunk
+            yield chunk, cost
             chunk, cost = [], 0
         chunk.append((job, params))
         cost += c
     if chunk:
-        yield chunk
+        yield chunk, cost
 
 
 def failed(job: Job, error_type: str, message: str) -> Outcome:
@@ -488,12 +489,10 @@ class Runner:
                 outcomes.append(outcome_of_error(job, exc))
         # Claims batch one tenant's jobs together unless the kind reads no tenant data.
         ctx = self.context(jobs[0].tenant if kind.reads_tenant_data else None)
-        for chunk in chunks_by_cost(valid, kind, self.settings.batch_max_texts):
+        for chunk, texts in chunks_by_cost(valid, kind, self.settings.batch_max_texts):
             started = time.perf_counter()
             try:
-                with torch_threads(
-                    self.small_forward(kind, sum(kind.batch_cost(p) for _, p in chunk))
-                ) as threads:
+                with torch_threads(self.small_forward(kind, texts)) as threads:
                     results = kind.run_batch([params for _, params in chunk], ctx)
             except Exception as exc:
                 if len(chunk) == 1 or isinstance(exc, SoftTimeLimitExceeded):
