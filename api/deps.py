@@ -24,12 +24,16 @@ async def get_settings(request: Request) -> Settings:
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
-    # Making a session does no I/O (it connects on first use); closing it may (a rollback).
+    # Making a session does no I/O (it connects on first use); closing one in a transaction
+    # does (a rollback), and the hop to a thread for it is worth saving when there is none.
     session = get_sessionmaker(request.app.state.settings.sqlalchemy_url)()
     try:
         yield session
     finally:
-        await run_in_threadpool(session.close)
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:  # committed already (a submission, a job read): nothing to roll back, no I/O
+            session.close()
 
 
 async def get_publisher(request: Request) -> Publisher:

@@ -106,6 +106,18 @@ def get_job(session: Session, job_id: uuid.UUID, tenant: str | None = None) -> J
     return job
 
 
+def fetch_job(session: Session, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
+    """`get_job` in a read transaction of its own, begun fresh (SQLite keeps one snapshot per
+    transaction) and ended before returning, so a caller that then waits (a long-poll, up to a
+    minute) holds no pooled connection idle in a transaction. The row stays loaded: sessions do
+    not expire on commit."""
+    session.rollback()
+    try:
+        return get_job(session, job_id, tenant)
+    finally:
+        session.commit()
+
+
 def count_active_jobs(session: Session, tenant: str) -> int:
     """Queued and running jobs of one tenant, for its quota."""
     stmt = select(func.count()).where(

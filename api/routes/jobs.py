@@ -19,7 +19,7 @@ from api.deps import get_events, get_publisher, get_session, get_settings
 from api.limits import check_limits
 from api.responses import model_response
 from api.schemas import ErrorOut, JobBatchCreate, JobBatchOut, JobCreate, JobList, JobOut
-from db.jobs import cancel_job, create_job, get_job, list_jobs, mark_unpublished
+from db.jobs import cancel_job, create_job, fetch_job, get_job, list_jobs, mark_unpublished
 from db.models import Job, JobStatus
 from db.session import get_sessionmaker
 from db.tenants import Principal
@@ -166,8 +166,7 @@ async def submit_job(
         return model_response(JobOut.from_row(job), 202, headers)
 
     def load() -> Job | None:
-        session.rollback()
-        return get_job(session, job_id, principal.tenant)
+        return fetch_job(session, job_id, principal.tenant)
 
     # Submitted inside the watch, so not even a job finished at once can slip past it.
     found = await follow_job(events, job_id, submit, load, wait, until="finished")
@@ -230,8 +229,7 @@ async def read_job(
     principal: Principal = Depends(current_principal),
 ) -> Response:
     def load() -> Job | None:
-        session.rollback()  # a fresh snapshot on every read (SQLite keeps one per transaction)
-        return get_job(session, job_id, principal.tenant)
+        return fetch_job(session, job_id, principal.tenant)
 
     job = await follow_job(events, job_id, load, load, wait, until)
     if job is None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psycopg
 import pytest
 
 from tests.helpers import insert_queued_embed_row, tenant_of
@@ -119,3 +121,23 @@ def test_prefer_wait_gives_back_the_job_so_far_when_time_runs_out(client: httpx.
         "/v1/jobs", json={"kind": "embed", "input": {"texts": ["x"]}}, headers={"Prefer": "wait=600"}
     )
     assert long.status_code == 201 and long.headers["Preference-Applied"] == "wait=60"
+
+
+def test_waiting_requests_hold_no_database_connection(client: httpx.Client, pg_url: str) -> None:
+    """A long-poll sleeps on a Redis notification, not on a pooled connection: a connection held
+    'idle in transaction' through every wait would cap concurrent waiters at the pool's size and
+    hold back vacuum for up to a minute each."""
+    job_id = insert_unpublished_job(pg_url, tenant_of(client))
+    database = pg_url.rpartition("/")[2]
+    waiters = 12
+    with ThreadPoolExecutor(waiters) as pool:
+        polls = [pool.submit(client.get, f"/v1/jobs/{job_id}", params={"wait": 4}) for _ in range(waiters)]
+        time.sleep(2)  # every request is now inside its wait
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            idle_in_transaction = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state LIKE 'idle in transaction%%'",
+                (database,),
+            ).fetchone()
+        answers = [p.result() for p in polls]
+    assert [a.json()["status"] for a in answers] == ["queued"] * waiters
+    assert idle_in_transaction == (0,)
