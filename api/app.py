@@ -36,7 +36,8 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
 
         def on_finished(info: dict[str, object]) -> None:
             metrics.observe_finished(info)
-            if webhooks:
+            # A dispatch round is a claiming UPDATE and a commit; jobs without a webhook need none.
+            if webhooks and info.get("webhook", True):
                 webhooks.wake()
 
         listener = EventListener(settings.redis_url, on_finished=on_finished)

@@ -107,7 +107,8 @@ class RecentlyFinished:
 
 
 def finished_info(jobs: list[Job], outcomes: list[Outcome], written: set[uuid.UUID]) -> list[dict[str, Any]]:
-    """What the API's histograms need about each finished job (sent with the job-change event)."""
+    """What the API needs about each finished job (sent with the job-change event): figures for
+    its histograms, and whether a webhook is due."""
     by_id = {job.id: job for job in jobs}
     now = utcnow()
     info = []
@@ -119,6 +120,7 @@ def finished_info(jobs: list[Job], outcomes: list[Outcome], written: set[uuid.UU
             "kind": job.kind, "status": o.status.value,
             "queue_s": (job.started_at - job.created_at).total_seconds(),
             "run_s": (now - job.started_at).total_seconds(),
+            "webhook": job.webhook_url is not None,
         })  # fmt: skip
     return info
 
