@@ -15,9 +15,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, column, func, or_, select, update
+from sqlalchemy import ColumnElement, Integer, and_, bindparam, column, func, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
@@ -159,7 +160,7 @@ def mark_published(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
     )
 
 
-def _claimable(now: datetime) -> ColumnElement[bool]:
+def _claimable(now: datetime | ColumnElement[Any]) -> ColumnElement[bool]:
     return and_(
         Job.cancel_requested.is_(False),
         Job.attempts < Job.max_attempts,
@@ -168,20 +169,6 @@ def _claimable(now: datetime) -> ColumnElement[bool]:
             and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
         ),
     )
-
-
-def _claim_values(now: datetime, worker: str, device: str, lease_seconds: float) -> dict[str, Any]:
-    return {
-        "status": JobStatus.RUNNING,
-        # A fresh token per claim statement: the holder's later writes must match (id, token).
-        "claim_token": uuid.uuid4(),
-        "attempts": Job.attempts + 1,
-        "worker": worker,
-        "device": device,
-        "started_at": now,
-        "lease_expires_at": now + timedelta(seconds=lease_seconds),
-        "updated_at": now,
-    }
 
 
 def claim_job(
@@ -217,47 +204,79 @@ def claim_jobs(
     a single writer). `also_named` are more jobs claimed like `job_id` (a message naming a group).
     The job `job_id`, if claimed, comes first.
     """
+    if job_id is None and also_queued <= 0:
+        return []
     now = utcnow()
+    stmt = _claim_statement(
+        session.get_bind().dialect.name, named=job_id is not None, more_named=bool(also_named),
+        others=also_queued > 0, same_as_job=same_as_job, same_tenant=same_tenant,
+    )  # fmt: skip
+    params = {
+        "job_id": job_id, "named_ids": [job_id, *also_named], "now": now, "p_claim_token": uuid.uuid4(),
+        "p_worker": worker, "p_device": device, "lease_until": now + timedelta(seconds=lease_seconds),
+        "p_kind": kind, "p_model": model, "p_queue": queue, "p_tenant": tenant, "also_queued": also_queued,
+    }  # fmt: skip
+    jobs = list(session.scalars(stmt, params))  # parameters the statement lacks are ignored
+    jobs.sort(key=lambda j: (j.id != job_id, j.created_at))
+    return jobs
+
+
+@lru_cache(maxsize=64)
+def _claim_statement(
+    dialect: str, *, named: bool, more_named: bool, others: bool, same_as_job: bool, same_tenant: bool
+) -> Any:
+    """The claim UPDATE of `claim_jobs` for one shape of call, built once, values as parameters:
+    building and cache-keying it anew was a millisecond of every claim."""
+    c = Job.__table__.c
+    now = bindparam("now", type_=c.started_at.type)
+    job_id = bindparam("job_id", type_=c.id.type)
+    named_ids = bindparam("named_ids", expanding=True, type_=c.id.type)
     conditions = []
-    if job_id is not None:
-        named = Job.id.in_([job_id, *also_named]) if also_named else Job.id == job_id
-        conditions.append(and_(named, _claimable(now)))
-    if also_queued > 0:
+    if named:
+        conditions.append(and_(Job.id.in_(named_ids) if more_named else Job.id == job_id, _claimable(now)))
+    if others:
 
         def of_job(column: Any) -> Any:
             return select(column).where(Job.id == job_id).scalar_subquery()
 
-        others = (
+        picked = (
             select(Job.id)
             .where(
                 Job.status == JobStatus.QUEUED,
                 Job.cancel_requested.is_(False),
-                Job.kind == kind,
-                Job.model.is_not_distinct_from(of_job(Job.model) if same_as_job else model),
-                Job.queue == (of_job(Job.queue) if same_as_job else queue),
+                Job.kind == bindparam("p_kind"),
+                Job.model.is_not_distinct_from(of_job(Job.model) if same_as_job else bindparam("p_model")),
+                Job.queue == (of_job(Job.queue) if same_as_job else bindparam("p_queue")),
             )
             .order_by(Job.created_at)
-            .limit(also_queued)
+            .limit(bindparam("also_queued", type_=Integer))
         )
         if same_tenant:
-            others = others.where(Job.tenant == (of_job(Job.tenant) if same_as_job else tenant))
-        if job_id is not None:  # so the named jobs do not use up the `also_queued` places
-            others = others.where(Job.id.not_in([job_id, *also_named]))
-        others = pick_for_update(session, others, "claimable")
-        conditions.append(and_(Job.id.in_(others), Job.status == JobStatus.QUEUED))
-    if not conditions:
-        return []
-    stmt = (
+            picked = picked.where(
+                Job.tenant == (of_job(Job.tenant) if same_as_job else bindparam("p_tenant"))
+            )
+        if named:  # so the named jobs do not use up the `also_queued` places
+            picked = picked.where(Job.id.not_in(named_ids))
+        picked = pick_for_update(dialect, picked, "claimable")
+        conditions.append(and_(Job.id.in_(picked), Job.status == JobStatus.QUEUED))
+    return (
         update(Job)
         .where(or_(*conditions))
-        .values(**_claim_values(now, worker, device, lease_seconds))
+        .values(
+            status=JobStatus.RUNNING,
+            # A fresh token per claim statement: the holder's later writes must match (id, token).
+            claim_token=bindparam("p_claim_token", type_=c.claim_token.type),
+            attempts=Job.attempts + 1,
+            worker=bindparam("p_worker", type_=c.worker.type),
+            device=bindparam("p_device", type_=c.device.type),
+            started_at=now,
+            lease_expires_at=bindparam("lease_until", type_=c.lease_expires_at.type),
+            updated_at=now,
+        )
         .returning(Job)
         # populate_existing: a Job already in this session's identity map gets the claimed values.
         .execution_options(synchronize_session=False, populate_existing=True)
     )
-    jobs = list(session.scalars(stmt))
-    jobs.sort(key=lambda j: (j.id != job_id, j.created_at))
-    return jobs
 
 
 def extend_leases(
@@ -301,36 +320,66 @@ def finish_jobs(session: Session, outcomes: Sequence[Outcome]) -> set[uuid.UUID]
     if not outcomes:
         return set()
     now = utcnow()
-    final_state = {"finished_at": now, "updated_at": now, "lease_expires_at": None}
     if len(outcomes) > 1 and session.get_bind().dialect.name == "postgresql":
-        return _finish_in_one_statement(session, outcomes, final_state)
+        # One UPDATE for a whole batch: an UPDATE per job cost the worker about a fifth of its
+        # time at full batches (py-spy, 64-job batches).
+        rows = [
+            {
+                "id": str(o.job_id), "claim_token": str(o.claim_token), "status": o.status.value,
+                "result": o.result, "error_type": o.error_type, "error_message": o.error_message,
+                "metrics": o.metrics,
+            }
+            for o in outcomes
+        ]  # fmt: skip
+        return set(session.scalars(_finish_batch_statement(), {"final_rows": rows, "now": now}))
     # One job, or SQLite (single writer, no jsonb_to_recordset): an UPDATE per job.
     written: set[uuid.UUID] = set()
     for o in outcomes:
         res = session.execute(
-            update(Job)
-            .where(Job.id == o.job_id, Job.claim_token == o.claim_token, Job.status == JobStatus.RUNNING)
-            .values(
-                status=o.status,
-                result=o.result,
-                error_type=o.error_type,
-                error_message=o.error_message,
-                metrics=o.metrics,
-                **final_state,
-            )
-            .execution_options(synchronize_session=False)
-        )
+            _finish_statement(),
+            {
+                "job_id": o.job_id, "p_claim_token": o.claim_token, "p_status": o.status,
+                "p_result": o.result, "p_error_type": o.error_type, "p_error_message": o.error_message,
+                "p_metrics": o.metrics, "now": now,
+            },
+        )  # fmt: skip
         if res.rowcount:  # type: ignore[attr-defined]
             written.add(o.job_id)
     return written
 
 
-def _finish_in_one_statement(
-    session: Session, outcomes: Sequence[Outcome], final_state: dict[str, Any]
-) -> set[uuid.UUID]:
-    """One UPDATE for a whole batch: an UPDATE per job cost the worker about a fifth of its time at
-    full batches (py-spy, 64-job batches). The rows travel as one JSON parameter, so the statement's
-    text is the same for every batch size (compiled once, prepared by the driver)."""
+def _final_state() -> dict[str, Any]:
+    now = bindparam("now", type_=Job.__table__.c.finished_at.type)
+    return {"finished_at": now, "updated_at": now, "lease_expires_at": None}
+
+
+# The finishing UPDATEs are built once, values as parameters (as the claim's, and for its reason).
+@lru_cache(maxsize=1)
+def _finish_statement() -> Any:
+    c = Job.__table__.c
+    return (
+        update(Job)
+        .where(
+            Job.id == bindparam("job_id", type_=c.id.type),
+            Job.claim_token == bindparam("p_claim_token", type_=c.claim_token.type),
+            Job.status == JobStatus.RUNNING,
+        )
+        .values(
+            status=bindparam("p_status", type_=c.status.type),
+            result=bindparam("p_result", type_=c.result.type),
+            error_type=bindparam("p_error_type", type_=c.error_type.type),
+            error_message=bindparam("p_error_message", type_=c.error_message.type),
+            metrics=bindparam("p_metrics", type_=c.metrics.type),
+            **_final_state(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+@lru_cache(maxsize=1)
+def _finish_batch_statement() -> Any:
+    """The rows travel as one JSON parameter, so the statement is the same for every batch size
+    (compiled once, prepared by the driver)."""
     c = Job.__table__.c
     columns = (c.id, c.claim_token, c.status, c.result, c.error_type, c.error_message, c.metrics)
     final = (
@@ -338,19 +387,7 @@ def _finish_in_one_statement(
         .table_valued(*(column(col.name, col.type) for col in columns))
         .render_derived(name="final", with_types=True)
     )
-    rows = [
-        {
-            "id": str(o.job_id),
-            "claim_token": str(o.claim_token),
-            "status": o.status.value,
-            "result": o.result,
-            "error_type": o.error_type,
-            "error_message": o.error_message,
-            "metrics": o.metrics,
-        }
-        for o in outcomes
-    ]
-    stmt = (
+    return (
         update(Job)
         .where(Job.id == final.c.id, Job.claim_token == final.c.claim_token, Job.status == JobStatus.RUNNING)
         .values(
@@ -359,12 +396,11 @@ def _finish_in_one_statement(
             error_type=final.c.error_type,
             error_message=final.c.error_message,
             metrics=final.c.metrics,
-            **final_state,
+            **_final_state(),
         )
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    return set(session.scalars(stmt, {"final_rows": rows}))
 
 
 def release_job(

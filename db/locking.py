@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Select, select
-from sqlalchemy.orm import Session
 
 
-def pick_for_update(session: Session, ids: Select[Any], name: str) -> Select[Any]:
+def pick_for_update(dialect: str, ids: Select[Any], name: str) -> Select[Any]:
     """`ids` (one column, with its LIMIT) as a subquery an UPDATE can claim with, rows locked and
     skipped when another transaction holds them.
 
@@ -16,7 +15,7 @@ def pick_for_update(session: Session, ids: Select[Any], name: str) -> Select[Any
     may rescan it for every candidate row (a nested-loop semi-join, typical on a table without
     statistics), and each rescan skips the rows the UPDATE has already changed and locks the next
     ones: a claim of 11 jobs took all 483 queued. SQLite has one writer and no row locks."""
-    if session.get_bind().dialect.name != "postgresql":
+    if dialect != "postgresql":
         return ids
     locked = ids.with_for_update(skip_locked=True).cte(name).prefix_with("MATERIALIZED")
     return select(*locked.c)

@@ -31,7 +31,7 @@ def claim_due_webhooks(session: Session, *, limit: int, lease_seconds: float) ->
         .order_by(Job.finished_at)
         .limit(limit)
     )
-    due = pick_for_update(session, due, "due_webhooks")
+    due = pick_for_update(session.get_bind().dialect.name, due, "due_webhooks")
     stmt = (
         update(Job)
         .where(Job.id.in_(due), Job.webhook_state == WebhookState.PENDING)
