@@ -33,7 +33,7 @@ import psycopg
 import redis
 
 from tasks import minilm
-from tests.helpers import Service, create_database, service_env, start_service
+from tests.helpers import Service, create_database, drop_database, service_env, start_service
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = [
@@ -443,6 +443,7 @@ def main() -> None:
             results["naive"] = median_throughput(svc, args.jobs, via_batch=False, repeat=args.repeat)
         finally:
             stop(svc)
+            drop_database(args.postgres_url, pg)
 
         print("tensorq service ...", flush=True)
         svc, pg = run_service(args.postgres_url, args.redis_url, tmp, TENSORQ_BATCHING="true")
@@ -459,6 +460,7 @@ def main() -> None:
             drain(svc, pg)
         finally:
             stop(svc)
+            drop_database(args.postgres_url, pg)
 
     results["overhead_ms"] = results["latency"]["p50_ms"] - results["bare"]["lone_ms_p50"]
     results["overhead_long_poll_ms"] = results["latency_long_poll"]["p50_ms"] - results["bare"]["lone_ms_p50"]
