@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import psycopg
 import pytest
 from sqlalchemy import text
@@ -23,8 +21,6 @@ def test_a_connection_killed_while_idle_is_replaced_not_handed_out(pg_url: str) 
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() == first_pid
         with psycopg.connect(pg_url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (first_pid,))
-            while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (first_pid,)).fetchone():
-                time.sleep(0.01)  # the backend is gone, as after a restart
         with engine.connect() as conn:  # would raise if the dead connection were handed out
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != first_pid
     finally:
