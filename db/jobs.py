@@ -333,19 +333,24 @@ def finish_jobs(session: Session, outcomes: Sequence[Outcome]) -> set[uuid.UUID]
         ]  # fmt: skip
         return set(session.scalars(_finish_batch_statement(), {"final_rows": rows, "now": now}))
     # One job, or SQLite (single writer, no jsonb_to_recordset): an UPDATE per job.
-    written: set[uuid.UUID] = set()
-    for o in outcomes:
-        res = session.execute(
-            _finish_statement(),
-            {
-                "job_id": o.job_id, "p_claim_token": o.claim_token, "p_status": o.status,
-                "p_result": o.result, "p_error_type": o.error_type, "p_error_message": o.error_message,
-                "p_metrics": o.metrics, "now": now,
-            },
-        )  # fmt: skip
-        if res.rowcount:  # type: ignore[attr-defined]
-            written.add(o.job_id)
-    return written
+    return {o.job_id for o in outcomes if finish_job(session, o, now) is not None}
+
+
+def finish_job(session: Session, outcome: Outcome, now: datetime | None = None) -> dict[str, Any] | None:
+    """Write one job's final state in the caller's transaction: the row as written (every
+    column, by name), or None when the job was no longer held by `outcome.claim_token`."""
+    o = outcome
+    if not o.status.terminal:
+        raise ValueError(f"not a final state: {o.status}")
+    row = session.execute(
+        _finish_statement(),
+        {
+            "job_id": o.job_id, "p_claim_token": o.claim_token, "p_status": o.status,
+            "p_result": o.result, "p_error_type": o.error_type, "p_error_message": o.error_message,
+            "p_metrics": o.metrics, "now": now or utcnow(),
+        },
+    ).first()  # fmt: skip
+    return None if row is None else dict(row._mapping)
 
 
 def _final_state() -> dict[str, Any]:
@@ -372,6 +377,8 @@ def _finish_statement() -> Any:
             metrics=bindparam("p_metrics", type_=c.metrics.type),
             **_final_state(),
         )
+        # The whole row: a lone job's committed state travels with its finished event (db.snapshots).
+        .returning(*c)
         .execution_options(synchronize_session=False)
     )
 

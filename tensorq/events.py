@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import orjson
 import redis
 import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "tensorq:job-events"
+# Rows ride along only in small events: every API process and worker parses every event.
+MAX_EVENT_BYTES_WITH_ROWS = 64 * 1024
 
 
 class EventPublisher:
@@ -36,18 +38,49 @@ class EventPublisher:
         finished: list[dict[str, Any]] | None = None,
         running: bool = False,
         final: bool = False,
+        rows: Iterable[dict[str, Any]] = (),
     ) -> None:
         """`finished` carries {kind, status, queue_s, run_s} per finished job, for the API's metrics;
         `running` says the jobs are running (claimed, or progress): no news for a wait on the end;
-        `final` says every one of them is in a final state, committed (see worker/finished.py)."""
+        `final` says every one of them is in a final state, committed (see worker/finished.py);
+        `rows` are committed rows of some of them (db.snapshots), handed to their waiters."""
         ids = [str(i) for i in job_ids]
         if not ids:
             return
-        message = {"ids": ids, "finished": finished or [], "running": running, "final": final}
+        message = {
+            "ids": ids, "finished": finished or [], "running": running, "final": final,
+            "rows": {str(row["id"]): row for row in rows},
+        }  # fmt: skip
+        payload = orjson.dumps(message)
+        if len(payload) > MAX_EVENT_BYTES_WITH_ROWS and message["rows"]:
+            message["rows"] = {}  # their waiters read the rows from the database instead
+            payload = orjson.dumps(message)
         try:
-            self.client.publish(CHANNEL, json.dumps(message))
+            self.client.publish(CHANNEL, payload)
         except redis.RedisError as exc:
             log.debug("job event not published: %s", exc)
+
+
+class JobWatch:
+    """Set when a job changes; `row` is its committed row when the event carried one."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.row: dict[str, Any] | None = None
+
+    def set(self, row: dict[str, Any] | None = None) -> None:
+        self.row = row
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    def clear(self) -> None:
+        self._event.clear()
+        self.row = None
 
 
 class EventListener:
@@ -56,9 +89,9 @@ class EventListener:
     def __init__(self, redis_url: str, on_finished: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.redis_url = redis_url
         self.on_finished = on_finished
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._waiters: dict[str, set[JobWatch]] = defaultdict(set)
         # Waiters for the end only: not woken by `running` events, which would cost a database read.
-        self._end_waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._end_waiters: dict[str, set[JobWatch]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -71,9 +104,9 @@ class EventListener:
                 await self._task
 
     @contextlib.contextmanager
-    def watch(self, job_id: uuid.UUID, end_only: bool = False) -> Iterator[asyncio.Event]:
-        """An event set when the job changes; with `end_only`, not while it is still running."""
-        event = asyncio.Event()
+    def watch(self, job_id: uuid.UUID, end_only: bool = False) -> Iterator[JobWatch]:
+        """A watch set when the job changes; with `end_only`, not while it is still running."""
+        event = JobWatch()
         key = str(job_id)
         waiters = self._end_waiters if end_only else self._waiters
         waiters[key].add(event)
@@ -105,17 +138,19 @@ class EventListener:
 
     def _dispatch(self, data: bytes) -> None:
         try:
-            message = json.loads(data)
+            message = orjson.loads(data)
             ids, finished = message["ids"], message.get("finished", [])
             running = bool(message.get("running", False))
-        except (ValueError, KeyError, TypeError):
+            rows = message.get("rows") or {}
+        except (ValueError, KeyError, TypeError, AttributeError):
             return
         for job_id in ids:
+            row = rows.get(job_id)
             for event in self._waiters.get(job_id, ()):
-                event.set()
+                event.set(row)
             if not running:
                 for event in self._end_waiters.get(job_id, ()):
-                    event.set()
+                    event.set(row)
         if self.on_finished is not None:
             for info in finished:
                 self.on_finished(info)

@@ -29,6 +29,7 @@ from db import registry
 from db.jobs import (
     Outcome,
     claim_jobs,
+    finish_job,
     finish_jobs,
     get_job,
     is_cancel_requested,
@@ -37,6 +38,7 @@ from db.jobs import (
 )
 from db.models import Job, JobStatus, utcnow
 from db.session import session_scope
+from db.snapshots import job_snapshot
 from tasks.context import JobCancelled, JobContext, JobError, ResolvedModel
 from tasks.registry import JobKind, get_kind
 from tensorq.artifacts import ArtifactStore, UnsafePath
@@ -267,11 +269,13 @@ class Runner:
             else:  # one job, or a named group with batching switched off here
                 outcomes = [self.execute(kind, job) for job in jobs]
             tenants = {job.id: job.tenant for job in jobs}
-            outcomes, written = with_retries(
+            outcomes, written, rows = with_retries(
                 lambda: self.commit(kind, outcomes, tenants), what=f"finish job {jid}"
             )
             self.clean_work_dirs([o for o in outcomes if o.job_id in written])
-            self.events.changed(written, finished=finished_info(jobs, outcomes, written), final=True)
+            self.events.changed(
+                written, finished=finished_info(jobs, outcomes, written), final=True, rows=rows
+            )
             for o in outcomes:
                 if o.job_id in written:
                     metrics.jobs_finished.labels(kind.name, o.status.value).inc()
@@ -415,8 +419,9 @@ class Runner:
 
     def commit(
         self, kind: JobKind[Any, Any], outcomes: list[Outcome], tenants: dict[uuid.UUID, str]
-    ) -> tuple[list[Outcome], set[uuid.UUID]]:
-        """Final states (and model versions) in one transaction: the outcomes as written, and their ids."""
+    ) -> tuple[list[Outcome], set[uuid.UUID], list[dict[str, Any]]]:
+        """Final states (and model versions) in one transaction: the outcomes as written, their ids,
+        and a lone job's row as committed (a snapshot for its finished event; none for a batch)."""
         with session_scope(self.database_url) as session:
             released = [o for o in outcomes if o.status == JobStatus.QUEUED]
             for o in released:
@@ -430,12 +435,18 @@ class Runner:
             outcomes = [o for o in outcomes if o.status != JobStatus.QUEUED]
             if kind.registers_model:
                 outcomes = [self.register_model(session, o, tenants[o.job_id]) for o in outcomes]
-            written = finish_jobs(session, outcomes)
+            rows: list[dict[str, Any]] = []
+            if len(outcomes) == 1:
+                row = finish_job(session, outcomes[0])
+                written = set() if row is None else {outcomes[0].job_id}
+                rows = [] if row is None else [job_snapshot(row)]
+            else:
+                written = finish_jobs(session, outcomes)
             if kind.registers_model and len(written) < len(outcomes):
                 session.rollback()  # no model version for a job whose claim was lost
-                return outcomes, set()
+                return outcomes, set(), []
         self.publish_released([o.job_id for o in released])
-        return outcomes, written
+        return outcomes, written, rows
 
     def publish_released(self, job_ids: list[uuid.UUID]) -> None:
         """Jobs given back after a transient error go out again after an exponential, jittered delay."""

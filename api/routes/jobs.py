@@ -22,6 +22,7 @@ from api.schemas import ErrorOut, JobBatchCreate, JobBatchOut, JobCreate, JobLis
 from db.jobs import cancel_job, create_job, fetch_job, get_job, list_jobs, mark_unpublished
 from db.models import Job, JobStatus
 from db.session import get_sessionmaker
+from db.snapshots import job_from_snapshot
 from db.tenants import Principal
 from tasks.registry import get_kind
 from tensorq.broker import Publisher, queue_for
@@ -261,9 +262,22 @@ async def follow_job(
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
+            row = changed.row
             changed.clear()
-            job = await run_in_threadpool(load)
+            job = job_from_event(row) or await run_in_threadpool(load)
     return job
+
+
+def job_from_event(row: dict[str, Any] | None) -> Job | None:
+    """The committed row a finished event carried (see db.snapshots), or None: then the caller
+    reads the job (no row sent, or one this version cannot read, as in a rolling upgrade)."""
+    if row is None:
+        return None
+    try:
+        return job_from_snapshot(row)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        log.warning("job event row unreadable; reading the job instead", exc_info=True)
+        return None
 
 
 @router.get(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -93,7 +94,8 @@ def test_prefer_wait_answers_the_submit_with_the_finished_job(client: httpx.Clie
     job = r.json()
     assert job["status"] == "succeeded" and job["result"]["dim"] == 384
     assert r.headers["Location"] == f"/v1/jobs/{job['id']}"
-    assert client.get(r.headers["Location"]).json() == job  # the stored job, not a copy made on the way
+    # The stored job: the answer is built from the row the worker committed, sent with its event.
+    assert client.get(r.headers["Location"]).json() == job
 
 
 def test_prefer_wait_gives_back_the_job_so_far_when_time_runs_out(client: httpx.Client) -> None:
@@ -141,3 +143,39 @@ def test_waiting_requests_hold_no_database_connection(client: httpx.Client, pg_u
         answers = [p.result() for p in polls]
     assert [a.json()["status"] for a in answers] == ["queued"] * waiters
     assert idle_in_transaction == (0,)
+
+
+def test_a_finished_event_carries_a_lone_jobs_row_to_its_waiters(redis_url: str) -> None:
+    """Through real Redis: the row rides along (a waiter needs no read) unless the event would be
+    too big, and then the waiter is still woken, with no row."""
+    import asyncio
+
+    from tensorq.events import MAX_EVENT_BYTES_WITH_ROWS, EventListener, EventPublisher
+
+    small, big = uuid.uuid4(), uuid.uuid4()
+    rows = {
+        small: {"id": small, "result": {"dim": 384}},
+        big: {"id": big, "result": {"blob": "x" * MAX_EVENT_BYTES_WITH_ROWS}},
+    }
+
+    async def check() -> list[object]:
+        listener = EventListener(redis_url)
+        listener.start()
+        try:
+            seen = []
+            for job_id, row in rows.items():
+                with listener.watch(job_id, end_only=True) as finished:
+                    for _ in range(50):  # until the subscription is live
+                        EventPublisher(redis_url).changed([job_id], final=True, rows=[row])
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(finished.wait(), 0.1)
+                            break
+                    assert finished.is_set()
+                    seen.append(finished.row)
+            return seen
+        finally:
+            await listener.stop()
+
+    small_row, big_row = asyncio.run(check())
+    assert small_row == {"id": str(small), "result": {"dim": 384}}
+    assert big_row is None

@@ -252,3 +252,33 @@ def test_batch_claim_takes_only_jobs_of_the_same_kind_model_and_queue(session: S
     assert [j.id for j in claimed] == [first, mate]
     for left in (gpu_only, other_model, other_kind):
         assert get_job(session, left).status == JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+def test_a_finished_row_sent_as_json_reads_back_as_the_stored_job(session: Session) -> None:
+    """A lone job's committed row travels with its finished event (db.snapshots); the job built
+    from it must be the one a read gives, every column and type included."""
+    import orjson
+
+    from db.jobs import finish_job
+    from db.snapshots import job_from_snapshot, job_snapshot
+
+    job_id = new_job(session)
+    token = claim(session, job_id)
+    assert token is not None
+    result = {"embeddings": [[0.12345678, -1e-08]], "dim": 2}
+    stranger = Outcome(job_id, uuid.uuid4(), JobStatus.SUCCEEDED, result=result)
+    assert finish_job(session, stranger) is None  # not held: nothing written, no row
+    row = finish_job(
+        session, Outcome(job_id, token, JobStatus.SUCCEEDED, result=result, metrics={"run_ms": 1.5})
+    )
+    session.commit()
+    assert row is not None
+    as_json = orjson.loads(orjson.dumps(job_snapshot(row)))
+    sent = job_from_snapshot(as_json)
+    stored = get_job(session, job_id)
+    assert stored is not None
+    for column in stored.__table__.columns:
+        assert getattr(sent, column.key) == getattr(stored, column.key), column.key
+    assert sent.status is JobStatus.SUCCEEDED and sent.finished_at is not None
+    with pytest.raises(KeyError):
+        job_from_snapshot({k: v for k, v in as_json.items() if k != "finished_at"})
