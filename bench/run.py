@@ -1,7 +1,8 @@
 """tensorq benchmark: the bare model, the service without and with batching, submit rates, latency.
 
 Everything is measured in one run on one machine against real PostgreSQL, real Redis and real
-worker processes:
+worker processes; the lone-job latency in blocks alternating with a bare Celery round trip and the
+bare model on the same input, the two figures its overhead is judged against:
 
     python -m bench.run [--jobs 600] [--latency-n 100] [--repeat 3]
 
@@ -12,6 +13,7 @@ It prints a table, writes JSON to bench/results/latest.json and the table to doc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -23,7 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -82,13 +84,10 @@ def bare_model(n: int) -> dict[str, Any]:
             minilm.embed_texts(encoder, texts[i : i + bs])
         rates[bs] = n / (time.perf_counter() - start)
         cpu_ms[bs] = (time.process_time() - cpu_start) * 1000 / n
-    lone, after_pause = [], []
-    for _ in range(50):
-        start = time.perf_counter()
-        minilm.embed_texts(encoder, [LONE_TEXT])
-        lone.append((time.perf_counter() - start) * 1000)
+    after_pause = []
     # The service's lone jobs reach the model every ~30 ms, not back to back: the same call after
-    # an idle pause of that length, as a diagnostic (the overhead is still taken against `lone`).
+    # an idle pause of that length, as a diagnostic (the overhead is taken against the same call back
+    # to back, measured between the service's lone jobs: see `interleaved_latency`).
     for _ in range(50):
         time.sleep(0.025)
         start = time.perf_counter()
@@ -106,7 +105,6 @@ def bare_model(n: int) -> dict[str, Any]:
         "best_batch": best,
         "sentences_per_s": rates[best],
         "cpu_ms_per_sentence": cpu_ms[best],
-        "lone_ms_p50": pct(lone, 50),
         "lone_after_pause_ms_p50": pct(after_pause, 50),
         "lone_after_idle_ms_p50": pct(after_idle, 50),
     }
@@ -142,7 +140,10 @@ def cpu_seconds(svc: Service) -> dict[str, float]:
     return groups
 
 
-def bare_celery(redis_url: str, n: int, log_dir: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def noop_worker(redis_url: str, log_dir: Path) -> Iterator[Callable[[int], list[float]]]:
+    """A bare Celery worker (prefork, one child) with a no-op task; yields a function that times
+    n `apply_async().get()` round trips of it."""
     env = {**os.environ, "BENCH_REDIS_URL": redis_url}
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "bench.noop_app", "worker", "-P", "prefork", "-c", "1",
@@ -152,19 +153,21 @@ def bare_celery(redis_url: str, n: int, log_dir: Path) -> dict[str, Any]:
     os.environ["BENCH_REDIS_URL"] = redis_url
     from bench.noop_app import noop
 
-    try:
-        noop.apply_async().get(timeout=60)
-        for _ in range(20):
-            noop.apply_async().get(timeout=10)
+    def round_trips(n: int) -> list[float]:
         times = []
         for _ in range(n):
             start = time.perf_counter()
             noop.apply_async().get(timeout=10)
             times.append((time.perf_counter() - start) * 1000)
+        return times
+
+    try:
+        noop.apply_async().get(timeout=60)
+        round_trips(20)
+        yield round_trips
     finally:
         worker.terminate()
         worker.wait(timeout=30)
-    return {"p50_ms": pct(times, 50), "p99_ms": pct(times, 99)}
 
 
 def wait_terminal(client: httpx.Client, job_id: str) -> dict[str, Any]:
@@ -301,40 +304,75 @@ def drain(svc: Service, pg_url: str, timeout: float = 600) -> None:
     raise TimeoutError("jobs did not drain")
 
 
-def latency(svc: Service, n: int, prefer_wait: bool, idle_s: float = 0.0) -> dict[str, Any]:
-    """A lone one-sentence job, submit -> result readable: one POST with `Prefer: wait`, or a POST
+def lone_jobs(client: httpx.Client, n: int, prefer_wait: bool, idle_s: float = 0.0) -> dict[str, list[float]]:
+    """n lone one-sentence jobs, submit -> result readable: one POST with `Prefer: wait`, or a POST
     followed by a long-poll GET; each `idle_s` after the previous answer (0: back to back)."""
-    times, run_ms = [], []
-    stages: dict[str, list[float]] = {k: [] for k in ("submit", "queue", "run", "answer")}
+    samples: dict[str, list[float]] = {k: [] for k in ("total", "run_ms", "submit", "queue", "run", "answer")}
     body = {"kind": "embed", "input": {"texts": [LONE_TEXT]}}
-    with svc.client() as client:
-        for i in range(n + 10):
-            time.sleep(idle_s)
-            sent, start = time.time(), time.perf_counter()
-            if prefer_wait:
-                job = client.post("/v1/jobs", json=body, headers={"Prefer": "wait=30"}).json()
-            else:
-                job = wait_terminal(client, client.post("/v1/jobs", json=body).json()["id"])
-            elapsed, answered = (time.perf_counter() - start) * 1000, time.time()
-            assert job["status"] == "succeeded", job
-            if i >= 10:
-                times.append(elapsed)
-                run_ms.append(job["metrics"]["run_ms"])
-                # Where the time went, from the job's own timestamps (one machine, one clock).
-                created, started, finished = (
-                    datetime.fromisoformat(job[k]).timestamp()
-                    for k in ("created_at", "started_at", "finished_at")
-                )
-                for stage, ms in zip(
-                    stages,
-                    (created - sent, started - created, finished - started, answered - finished),
-                    strict=True,
-                ):
-                    stages[stage].append(ms * 1000)
+    for _ in range(n):
+        time.sleep(idle_s)
+        sent, start = time.time(), time.perf_counter()
+        if prefer_wait:
+            job = client.post("/v1/jobs", json=body, headers={"Prefer": "wait=30"}).json()
+        else:
+            job = wait_terminal(client, client.post("/v1/jobs", json=body).json()["id"])
+        elapsed, answered = (time.perf_counter() - start) * 1000, time.time()
+        assert job["status"] == "succeeded", job
+        samples["total"].append(elapsed)
+        samples["run_ms"].append(job["metrics"]["run_ms"])
+        # Where the time went, from the job's own timestamps (one machine, one clock).
+        created, started, finished = (
+            datetime.fromisoformat(job[k]).timestamp() for k in ("created_at", "started_at", "finished_at")
+        )
+        for stage, ms in (
+            ("submit", created - sent), ("queue", started - created), ("run", finished - started),
+            ("answer", answered - finished),
+        ):  # fmt: skip
+            samples[stage].append(ms * 1000)
+    return samples
+
+
+def summary(samples: dict[str, list[float]]) -> dict[str, Any]:
+    times = samples["total"]
     return {
-        "p50_ms": pct(times, 50), "p99_ms": pct(times, 99), "mean_ms": statistics.fmean(times),
-        "worker_run_ms_p50": pct(run_ms, 50), "stages_ms_p50": {k: pct(v, 50) for k, v in stages.items()},
+        "p50_ms": pct(times, 50), "p99_ms": pct(times, 99), "mean_ms": statistics.fmean(times), "n": len(times),
+        "worker_run_ms_p50": pct(samples["run_ms"], 50),
+        "stages_ms_p50": {k: pct(samples[k], 50) for k in ("submit", "queue", "run", "answer")},
     }  # fmt: skip
+
+
+def interleaved_latency(
+    svc: Service, round_trips: Callable[[int], list[float]], n: int, rounds: int = 5
+) -> dict[str, Any]:
+    """The lone-job latency and the two figures it is compared with, measured in alternating
+    blocks (bare Celery round trips, the bare model on the same input, lone jobs with `Prefer:
+    wait`, lone jobs with a long-poll), so a drift in the machine's speed over the minutes of a run
+    reaches all of them alike."""
+    encoder = minilm.load_encoder("cpu")
+    for _ in range(20):
+        minilm.embed_texts(encoder, [LONE_TEXT])
+    celery: list[float] = []
+    model: list[float] = []
+    waits: dict[str, list[float]] = {}
+    polls: dict[str, list[float]] = {}
+    with svc.client() as client:
+        lone_jobs(client, 10, prefer_wait=True)  # warm-up
+        for _ in range(rounds):
+            celery += round_trips(300 // rounds)
+            for _ in range(50 // rounds):
+                start = time.perf_counter()
+                minilm.embed_texts(encoder, [LONE_TEXT])
+                model.append((time.perf_counter() - start) * 1000)
+            time.sleep(0.05)  # the bench's own OpenMP threads stop spinning before the service runs
+            for merged, prefer_wait in ((waits, True), (polls, False)):
+                for key, values in lone_jobs(client, n // rounds, prefer_wait).items():
+                    merged.setdefault(key, []).extend(values)
+    return {
+        "bare_celery": {"p50_ms": pct(celery, 50), "p99_ms": pct(celery, 99), "n": len(celery)},
+        "lone_ms_p50": pct(model, 50),
+        "latency": summary(waits),
+        "latency_long_poll": summary(polls),
+    }
 
 
 def run_service(pg_admin: str, redis_url: str, tmp: Path, **env: str) -> tuple[Service, str]:
@@ -378,12 +416,15 @@ def table(r: dict[str, Any]) -> str:
             f"p50 {idle['p50_ms']:.1f} ms, p99 {idle['p99_ms']:.1f} ms (model p50 {idle['worker_run_ms_p50']:.1f} ms)",
         ),
         ("Prefer: wait stages (p50 each)", stage_line(lat["stages_ms_p50"])),
-        ("bare model, same input", f"p50 {b['lone_ms_p50']:.1f} ms"),
+        ("bare model, same input (between the lone jobs)", f"p50 {b['lone_ms_p50']:.1f} ms"),
         ("bare model, same input after a 25 ms pause", f"p50 {b['lone_after_pause_ms_p50']:.1f} ms"),
         ("bare model, same input after a 200 ms pause", f"p50 {b['lone_after_idle_ms_p50']:.1f} ms"),
         ("service overhead (Prefer: wait p50 - model p50)", f"{r['overhead_ms']:.1f} ms"),
         ("service overhead (POST + long-poll p50 - model p50)", f"{r['overhead_long_poll_ms']:.1f} ms"),
-        ("bare Celery apply_async().get() no-op", f"p50 {cel['p50_ms']:.2f} ms, p99 {cel['p99_ms']:.2f} ms"),
+        (
+            "bare Celery apply_async().get() no-op (between them)",
+            f"p50 {cel['p50_ms']:.2f} ms, p99 {cel['p99_ms']:.2f} ms",
+        ),
         *(
             (f"CPU ms per job, {label}", cpu_breakdown(run["cpu_ms_per_job"]))
             for label, run in (("tensorq POST", t), ("tensorq :batch", tb))
@@ -434,9 +475,6 @@ def main() -> None:
         tmp = Path(tmpdir)
         print("bare model ...", flush=True)
         results["bare"] = bare_model(512)
-        print("bare celery ...", flush=True)
-        results["bare_celery"] = bare_celery(args.redis_url, 300, tmp)
-
         print("naive service ...", flush=True)
         svc, pg = run_service(args.postgres_url, args.redis_url, tmp, TENSORQ_BATCHING="false")
         try:
@@ -448,10 +486,18 @@ def main() -> None:
         print("tensorq service ...", flush=True)
         svc, pg = run_service(args.postgres_url, args.redis_url, tmp, TENSORQ_BATCHING="true")
         try:
-            results["latency"] = latency(svc, args.latency_n, prefer_wait=True)
-            results["latency_long_poll"] = latency(svc, args.latency_n, prefer_wait=False)
+            print("latency, bare Celery and the bare model, interleaved ...", flush=True)
+            with noop_worker(args.redis_url, tmp) as round_trips:
+                interleaved = interleaved_latency(svc, round_trips, args.latency_n)
+            results["bare_celery"] = interleaved["bare_celery"]
+            results["bare"]["lone_ms_p50"] = interleaved["lone_ms_p50"]
+            results["latency"] = interleaved["latency"]
+            results["latency_long_poll"] = interleaved["latency_long_poll"]
             # Sporadic jobs: every process (and, on a VM, every vCPU) has gone idle in between.
-            results["latency_after_idle"] = latency(svc, args.latency_n // 2, prefer_wait=True, idle_s=0.2)
+            with svc.client() as client:
+                idle = lone_jobs(client, args.latency_n // 2, prefer_wait=True, idle_s=0.2)
+            results["latency_after_idle"] = summary(idle)
+            print("throughput ...", flush=True)
             results["tensorq"] = median_throughput(svc, args.jobs, via_batch=False, repeat=args.repeat)
             results["tensorq_batch_submit"] = median_throughput(
                 svc, args.jobs, via_batch=True, repeat=args.repeat
