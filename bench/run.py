@@ -73,6 +73,17 @@ def machine() -> dict[str, Any]:
     }
 
 
+def lone_model_ms(encoder: minilm.Encoder, n: int, pause_s: float = 0.0) -> list[float]:
+    """The bare model's time for the lone job's input, `n` calls, each `pause_s` after the last."""
+    times = []
+    for _ in range(n):
+        time.sleep(pause_s)
+        start = time.perf_counter()
+        minilm.embed_texts(encoder, [LONE_TEXT])
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
 def bare_model(n: int) -> dict[str, Any]:
     encoder = minilm.load_encoder("cpu")
     texts = (SENTENCES * (n // len(SENTENCES) + 1))[:n]
@@ -84,21 +95,11 @@ def bare_model(n: int) -> dict[str, Any]:
             minilm.embed_texts(encoder, texts[i : i + bs])
         rates[bs] = n / (time.perf_counter() - start)
         cpu_ms[bs] = (time.process_time() - cpu_start) * 1000 / n
-    after_pause = []
     # The service's lone jobs reach the model every ~30 ms, not back to back: the same call after
     # an idle pause of that length, as a diagnostic (the overhead is taken against the same call back
     # to back, measured between the service's lone jobs: see `interleaved_latency`).
-    for _ in range(50):
-        time.sleep(0.025)
-        start = time.perf_counter()
-        minilm.embed_texts(encoder, [LONE_TEXT])
-        after_pause.append((time.perf_counter() - start) * 1000)
-    after_idle = []
-    for _ in range(30):
-        time.sleep(0.2)
-        start = time.perf_counter()
-        minilm.embed_texts(encoder, [LONE_TEXT])
-        after_idle.append((time.perf_counter() - start) * 1000)
+    after_pause = lone_model_ms(encoder, 50, pause_s=0.025)
+    after_idle = lone_model_ms(encoder, 30, pause_s=0.2)
     best = max(rates, key=lambda b: rates[b])
     return {
         "rates_by_batch": rates,
@@ -359,10 +360,7 @@ def interleaved_latency(
         lone_jobs(client, 10, prefer_wait=True)  # warm-up
         for _ in range(rounds):
             celery += round_trips(300 // rounds)
-            for _ in range(50 // rounds):
-                start = time.perf_counter()
-                minilm.embed_texts(encoder, [LONE_TEXT])
-                model.append((time.perf_counter() - start) * 1000)
+            model += lone_model_ms(encoder, 50 // rounds)
             time.sleep(0.05)  # the bench's own OpenMP threads stop spinning before the service runs
             for merged, prefer_wait in ((waits, True), (polls, False)):
                 for key, values in lone_jobs(client, n // rounds, prefer_wait).items():
