@@ -73,6 +73,7 @@ def create_job(
     model: str | None = None,
     webhook_url: str | None = None,
     job_id: uuid.UUID | None = None,
+    batch_cost: int = 1,
 ) -> Job:
     now = utcnow()
     # published_at is set optimistically: the caller publishes right after commit and clears it
@@ -85,6 +86,7 @@ def create_job(
         queue=queue,
         status=JobStatus.QUEUED,
         params=params,
+        batch_cost=max(1, batch_cost),
         attempts=0,
         max_attempts=max_attempts,
         cancel_requested=False,
@@ -186,7 +188,7 @@ def claim_jobs(
     worker: str,
     device: str,
     lease_seconds: float,
-    also_queued: int = 0,
+    fill_to_cost: int = 0,
     kind: str | None = None,
     model: str | None = None,
     queue: str | None = None,
@@ -195,26 +197,27 @@ def claim_jobs(
     same_tenant: bool = True,
     also_named: Sequence[uuid.UUID] = (),
 ) -> list[Job]:
-    """Claim `job_id` and, for batching, up to `also_queued` other queued jobs of the same kind,
-    model and queue (`model`/`queue`, or `job_id`'s own with `same_as_job`), oldest first, in one
-    statement. The queue matters: a job that requires a GPU must not ride in a CPU worker's batch.
+    """Claim `job_id` and, for batching, other queued jobs of the same kind, model and queue
+    (`model`/`queue`, or `job_id`'s own with `same_as_job`), oldest first, while the batch costs
+    of all claimed jobs (the named ones' included) add up to at most `fill_to_cost`, in one
+    statement. A named job is claimed whatever its cost. The queue matters: a job that requires a GPU must not ride in a CPU worker's batch.
     So does the tenant, unless `same_tenant` is False: a model name means a different model in
     another tenant's registry (`tenant`, or `job_id`'s own with `same_as_job`).
     Jobs another worker is claiming right now are skipped (SKIP LOCKED on PostgreSQL; SQLite has
     a single writer). `also_named` are more jobs claimed like `job_id` (a message naming a group).
     The job `job_id`, if claimed, comes first.
     """
-    if job_id is None and also_queued <= 0:
+    if job_id is None and fill_to_cost <= 0:
         return []
     now = utcnow()
     stmt = _claim_statement(
         session.get_bind().dialect.name, named=job_id is not None, more_named=bool(also_named),
-        others=also_queued > 0, same_as_job=same_as_job, same_tenant=same_tenant,
+        others=fill_to_cost > 0, same_as_job=same_as_job, same_tenant=same_tenant,
     )  # fmt: skip
     params = {
         "job_id": job_id, "named_ids": [job_id, *also_named], "now": now, "p_claim_token": uuid.uuid4(),
         "p_worker": worker, "p_device": device, "lease_until": now + timedelta(seconds=lease_seconds),
-        "p_kind": kind, "p_model": model, "p_queue": queue, "p_tenant": tenant, "also_queued": also_queued,
+        "p_kind": kind, "p_model": model, "p_queue": queue, "p_tenant": tenant, "fill_to_cost": fill_to_cost,
     }  # fmt: skip
     jobs = list(session.scalars(stmt, params))  # parameters the statement lacks are ignored
     jobs.sort(key=lambda j: (j.id != job_id, j.created_at))
@@ -239,8 +242,9 @@ def _claim_statement(
         def of_job(column: Any) -> Any:
             return select(column).where(Job.id == job_id).scalar_subquery()
 
-        picked = (
-            select(Job.id)
+        fill_to_cost = bindparam("fill_to_cost", type_=Integer)
+        candidates = (
+            select(Job.id, Job.batch_cost, Job.created_at)
             .where(
                 Job.status == JobStatus.QUEUED,
                 Job.cancel_requested.is_(False),
@@ -248,16 +252,24 @@ def _claim_statement(
                 Job.model.is_not_distinct_from(of_job(Job.model) if same_as_job else bindparam("p_model")),
                 Job.queue == (of_job(Job.queue) if same_as_job else bindparam("p_queue")),
             )
-            .order_by(Job.created_at)
-            .limit(bindparam("also_queued", type_=Integer))
+            .order_by(Job.created_at, Job.id)
+            .limit(fill_to_cost)  # every job costs at least 1
         )
         if same_tenant:
-            picked = picked.where(
+            candidates = candidates.where(
                 Job.tenant == (of_job(Job.tenant) if same_as_job else bindparam("p_tenant"))
             )
-        if named:  # so the named jobs do not use up the `also_queued` places
-            picked = picked.where(Job.id.not_in(named_ids))
-        picked = pick_for_update(dialect, picked, "claimable")
+        budget: Any = fill_to_cost
+        if named:  # the named jobs are in the batch already: they take neither places nor budget twice
+            candidates = candidates.where(Job.id.not_in(named_ids))
+            named_cost = select(func.coalesce(func.sum(Job.batch_cost), 0)).where(Job.id.in_(named_ids))
+            budget = fill_to_cost - named_cost.scalar_subquery()
+        locked = pick_for_update(dialect, candidates, "claimable").subquery("candidates")
+        filled = select(
+            locked.c.id,
+            func.sum(locked.c.batch_cost).over(order_by=(locked.c.created_at, locked.c.id)).label("filled"),
+        ).subquery("filled")
+        picked = select(filled.c.id).where(filled.c.filled <= budget)
         conditions.append(and_(Job.id.in_(picked), Job.status == JobStatus.QUEUED))
     return (
         update(Job)

@@ -7,9 +7,9 @@ from typing import Any
 from sqlalchemy import Select, select
 
 
-def pick_for_update(dialect: str, ids: Select[Any], name: str) -> Select[Any]:
-    """`ids` (one column, with its LIMIT) as a subquery an UPDATE can claim with, rows locked and
-    skipped when another transaction holds them.
+def pick_for_update(dialect: str, ids: Select[*tuple[Any, ...]], name: str) -> Select[*tuple[Any, ...]]:
+    """`ids` (with its LIMIT) as rows an UPDATE can claim from, locked and skipped when another
+    transaction holds them.
 
     On PostgreSQL it is a MATERIALIZED CTE, so it runs once. As a plain `IN (subquery)` the planner
     may rescan it for every candidate row (a nested-loop semi-join, typical on a table without

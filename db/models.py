@@ -120,6 +120,9 @@ class Job(Base):
         default=JobStatus.QUEUED,
     )
     params: Mapped[dict[str, Any]]
+    # What the job adds to a batch in the units `batch_max_texts` caps (texts), so a claim can
+    # fill a batch by its cost in SQL: set at submission from the kind's `batch_cost`.
+    batch_cost: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     result: Mapped[dict[str, Any] | None]
     error_type: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)

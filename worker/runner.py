@@ -336,19 +336,19 @@ class Runner:
             with session_scope(self.database_url) as session:
                 return claim_jobs(
                     session, jid, **common, also_named=named[1:], kind=kind.name, same_as_job=True,
-                    also_queued=max(0, s.batch_max_texts - len(named)) if batching else 0,
+                    fill_to_cost=s.batch_max_texts if batching else 0,
                 )  # fmt: skip
 
         jobs = with_retries(claim, what=f"claim job {jid}")
         if not batching or not jobs or len(jobs) == 1 or s.batch_max_wait_ms <= 0:
             return jobs
-        texts = sum(kind.batch_cost(kind.params.model_construct(**j.params)) for j in jobs)
+        texts = sum(j.batch_cost for j in jobs)
         if texts < s.batch_max_texts:
             # The queue is flowing: give the batch one short wait to fill.
             time.sleep(s.batch_max_wait_ms / 1000)
             with session_scope(self.database_url) as session:
                 jobs += claim_jobs(
-                    session, None, **common, also_queued=s.batch_max_texts - texts,
+                    session, None, **common, fill_to_cost=s.batch_max_texts - texts,
                     kind=kind.name, model=jobs[0].model, queue=jobs[0].queue, tenant=jobs[0].tenant,
                 )  # fmt: skip
         return jobs

@@ -190,6 +190,7 @@ def store_job(
         max_attempts=settings.max_attempts,
         model=kind.model_of(body.input),
         webhook_url=None if body.webhook is None else str(body.webhook),
+        batch_cost=kind.batch_cost(body.input),
     )
 
 

@@ -60,6 +60,28 @@ def test_queued_jobs_share_a_forward_pass_and_each_gets_its_own_result(
         assert float(cos) > 0.999
 
 
+def test_a_worker_claims_queued_jobs_only_while_their_texts_fit_one_batch(
+    client: httpx.Client, service: Service
+) -> None:
+    """Jobs of many texts: a claim takes what fits `batch_max_texts` (128), not 128 jobs, so the
+    rest stay queued for whichever worker is free."""
+    os.killpg(service.worker.popen.pid, signal.SIGSTOP)
+    try:
+        body = {"jobs": [{"kind": "embed", "input": {"texts": [f"job {j} text {i}" for i in range(50)]}}
+                         for j in range(5)]}  # fmt: skip
+        r = client.post("/v1/jobs:batch", json=body)
+        assert r.status_code == 202, r.text
+    finally:
+        os.killpg(service.worker.popen.pid, signal.SIGCONT)
+    jobs = [wait_job(client, i) for i in r.json()["ids"]]
+    assert all(j["status"] == "succeeded" and len(j["result"]["embeddings"]) == 50 for j in jobs)
+    # A claim stamps started_at once for every job it takes.
+    claims: dict[str, int] = {}
+    for job in jobs:
+        claims[job["started_at"]] = claims.get(job["started_at"], 0) + 50
+    assert max(claims.values()) <= 128, claims
+
+
 def test_a_bad_job_in_a_batch_fails_alone(client: httpx.Client, service: Service, pg_url: str) -> None:
     # Params that pass no schema can only come from the database (e.g. written by an older version):
     # insert such a row beside good jobs, publish it, and let them batch together.
@@ -97,7 +119,7 @@ def test_a_batch_finishes_in_one_statement_and_only_where_the_claim_still_holds(
             worker="w",
             device="cpu",
             lease_seconds=60,
-            also_queued=3,
+            fill_to_cost=4,
             kind="embed",
             same_as_job=True,
         )

@@ -44,28 +44,59 @@ def queue_jobs(url: str, n: int, webhook_url: str | None = None) -> list[object]
 def test_a_batch_top_up_claims_at_most_what_it_asks_for_oldest_first(fresh_url: str) -> None:
     ids = queue_jobs(fresh_url, 120)
     with session_scope(fresh_url) as session:
-        jobs = claim_jobs(session, None, **CLAIM, also_queued=11, kind="embed", queue="inference", tenant="t")
+        jobs = claim_jobs(
+            session, None, **CLAIM, fill_to_cost=11, kind="embed", queue="inference", tenant="t"
+        )
     assert [j.id for j in jobs] == ids[:11]
     with session_scope(fresh_url) as session:
         named = claim_jobs(
-            session, ids[50], **CLAIM, also_named=[ids[51]], also_queued=5, kind="embed", same_as_job=True
+            session, ids[50], **CLAIM, also_named=[ids[51]], fill_to_cost=7, kind="embed", same_as_job=True
         )
-    # The named jobs, and the five oldest still queued; the message's own job first.
+    # The named jobs (one text each), and the five oldest still queued; the message's own job first.
     assert named[0].id == ids[50]
     assert {j.id for j in named} == {ids[50], ids[51], *ids[11:16]}
     with session_scope(fresh_url) as session:
-        oldest = claim_jobs(session, ids[16], **CLAIM, also_queued=3, kind="embed", same_as_job=True)
-    # The named job, the oldest queued, does not take one of the three places itself.
+        oldest = claim_jobs(session, ids[16], **CLAIM, fill_to_cost=4, kind="embed", same_as_job=True)
+    # The named job, the oldest queued, is counted once: itself and the three next.
     assert [j.id for j in oldest] == ids[16:20]
     with session_scope(fresh_url) as session:
         running = session.scalar(select(func.count()).where(Job.status == JobStatus.RUNNING))
     assert running == 22
 
 
+def test_a_batch_is_filled_by_its_texts_not_by_its_number_of_jobs(fresh_url: str) -> None:
+    sizes = [50, 40, 30, 20, 100, 1, 200, 5]
+    with session_scope(fresh_url) as session:
+        ids = [
+            create_job(session, tenant="t", kind="embed", params={"texts": ["x"] * n}, queue="inference",
+                       max_attempts=3, batch_cost=n).id
+            for n in sizes
+        ]  # fmt: skip
+    with session_scope(fresh_url) as session:
+        first = claim_jobs(session, ids[0], **CLAIM, fill_to_cost=128, kind="embed", same_as_job=True)
+    # 50 + 40 + 30 = 120 texts; the next job (20) would make 140.
+    assert [j.id for j in first] == ids[:3]
+    with session_scope(fresh_url) as session:
+        top_up = claim_jobs(
+            session, None, **CLAIM, fill_to_cost=128, kind="embed", queue="inference", tenant="t"
+        )
+    # Oldest first and none skipped: 20 + 100 + 1; the 200-text job does not fit, nor anything after it.
+    assert [j.id for j in top_up] == ids[3:6]
+    with session_scope(fresh_url) as session:
+        alone = claim_jobs(session, ids[6], **CLAIM, fill_to_cost=128, kind="embed", same_as_job=True)
+    # A named job over the limit is still claimed, alone.
+    assert [j.id for j in alone] == [ids[6]]
+    with session_scope(fresh_url) as session:
+        left = session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED)).all()
+    assert left == [ids[7]]
+
+
 def test_due_webhooks_are_claimed_up_to_the_limit(fresh_url: str) -> None:
     ids = queue_jobs(fresh_url, 40, webhook_url="https://example.com/hook")
     with session_scope(fresh_url) as session:
-        jobs = claim_jobs(session, None, **CLAIM, also_queued=40, kind="embed", queue="inference", tenant="t")
+        jobs = claim_jobs(
+            session, None, **CLAIM, fill_to_cost=40, kind="embed", queue="inference", tenant="t"
+        )
     assert len(jobs) == 40
     with session_scope(fresh_url) as session:
         written = finish_jobs(session, [Outcome(j.id, j.claim_token, JobStatus.SUCCEEDED) for j in jobs])

@@ -244,7 +244,7 @@ def test_batch_claim_takes_only_jobs_of_the_same_kind_model_and_queue(session: S
         worker="w",
         device="cpu",
         lease_seconds=60,
-        also_queued=10,
+        fill_to_cost=10,
         kind="embed",
         same_as_job=True,
     )
@@ -252,6 +252,24 @@ def test_batch_claim_takes_only_jobs_of_the_same_kind_model_and_queue(session: S
     assert [j.id for j in claimed] == [first, mate]
     for left in (gpu_only, other_model, other_kind):
         assert get_job(session, left).status == JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+def test_a_batch_claim_adds_jobs_while_their_texts_fit(session: Session) -> None:
+    def job(texts: int) -> uuid.UUID:
+        row = create_job(session, tenant="t", kind="embed", params={"texts": ["x"] * texts},
+                         queue="inference", max_attempts=3, model="m", batch_cost=texts)  # fmt: skip
+        session.commit()
+        return row.id
+
+    ids = [job(n) for n in (100, 20, 10, 1)]
+    claimed = claim_jobs(
+        session, ids[0], worker="w", device="cpu", lease_seconds=60, fill_to_cost=128, kind="embed",
+        same_as_job=True,
+    )  # fmt: skip
+    session.commit()
+    # 100 + 20 = 120 texts; 10 more would make 130.
+    assert [j.id for j in claimed] == ids[:2]
+    assert [get_job(session, i).status for i in ids[2:]] == [JobStatus.QUEUED] * 2  # type: ignore[union-attr]
 
 
 def test_a_finished_row_sent_as_json_reads_back_as_the_stored_job(session: Session) -> None:
