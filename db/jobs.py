@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, Integer, and_, bindparam, column, func, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB
@@ -138,9 +138,12 @@ def mark_unpublished(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
     )
 
 
-def jobs_to_publish(session: Session, *, republish_after: float, limit: int = 500) -> list[Job]:
-    """Queued jobs never published, or published so long ago that the message may be lost."""
-    stale = utcnow() - timedelta(seconds=republish_after)
+def jobs_to_publish(
+    session: Session, *, republish_after: float, limit: int = 500, now: datetime | None = None
+) -> list[Job]:
+    """Queued jobs never published, or published so long ago (before `now` - `republish_after`)
+    that the message may be lost, oldest first."""
+    stale = (now or utcnow()) - timedelta(seconds=republish_after)
     stmt = (
         select(Job)
         .where(
@@ -424,11 +427,12 @@ def _finish_batch_statement() -> Any:
 
 def release_job(
     session: Session, job_id: uuid.UUID, claim_token: uuid.UUID, *, error_type: str, message: str
-) -> bool:
+) -> JobStatus | None:
     """Give a claimed job back to the queue after a transient failure (its attempt still counts).
 
     The caller publishes it again with a backoff delay; published_at is set so the sweeper does
-    not republish it before that. Out of attempts, the job fails instead.
+    not republish it before that. Out of attempts, the job fails instead. Returns the state the
+    job was put in (QUEUED or FAILED), or None if the claim no longer held.
     """
     now = utcnow()
     held = and_(Job.id == job_id, Job.claim_token == claim_token, Job.status == JobStatus.RUNNING)
@@ -439,14 +443,18 @@ def release_job(
         .execution_options(synchronize_session=False)
     )
     if res.rowcount:  # type: ignore[attr-defined]
-        return True
-    session.execute(
+        return JobStatus.QUEUED
+    res = session.execute(
         update(Job)
         .where(held)
-        .values(**_failed(now, error_type, f"{message} (transient, but no attempts are left)"))
+        .values(**_failed(now, error_type, no_attempts_left(message)))
         .execution_options(synchronize_session=False)
     )
-    return False
+    return JobStatus.FAILED if res.rowcount else None  # type: ignore[attr-defined]
+
+
+def no_attempts_left(message: str) -> str:
+    return f"{message} (transient, but no attempts are left)"
 
 
 def cancel_job(session: Session, job_id: uuid.UUID, tenant: str) -> Job | None:
@@ -482,11 +490,15 @@ def fail_held_job(session: Session, job_id: uuid.UUID, *, worker: str, error_typ
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
-def reap_expired_leases(session: Session) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
-    """Running jobs whose worker stopped heartbeating: requeue them, or fail them when out of attempts.
+class Reaped(NamedTuple):
+    requeued: list[uuid.UUID]  # left unpublished, for the sweeper
+    failed: list[uuid.UUID]
+    cancelled: list[uuid.UUID]  # their cancellation had been requested
 
-    Returns (requeued ids, failed ids). Requeued jobs are left unpublished for the sweeper.
-    """
+
+def reap_expired_leases(session: Session) -> Reaped:
+    """Running jobs whose worker stopped heartbeating: requeue them, or fail them when out of
+    attempts, or cancel them when that was asked for."""
     now = utcnow()
     expired = and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
     cancelled = session.execute(
@@ -496,7 +508,7 @@ def reap_expired_leases(session: Session) -> tuple[list[uuid.UUID], list[uuid.UU
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    cancelled.all()
+    cancelled_ids = list(cancelled.scalars())
     failed = session.execute(
         update(Job)
         .where(expired, Job.attempts >= Job.max_attempts)
@@ -518,7 +530,7 @@ def reap_expired_leases(session: Session) -> tuple[list[uuid.UUID], list[uuid.UU
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    return list(requeued.scalars()), failed_ids
+    return Reaped(list(requeued.scalars()), failed_ids, cancelled_ids)
 
 
 # Keyset pagination: newest first, by (created_at, id).

@@ -33,6 +33,7 @@ from db.jobs import (
     finish_jobs,
     get_job,
     is_cancel_requested,
+    no_attempts_left,
     release_job,
     update_progress,
 )
@@ -423,15 +424,18 @@ class Runner:
         """Final states (and model versions) in one transaction: the outcomes as written, their ids,
         and a lone job's row as committed (a snapshot for its finished event; none for a batch)."""
         with session_scope(self.database_url) as session:
-            released = [o for o in outcomes if o.status == JobStatus.QUEUED]
-            for o in released:
-                release_job(
-                    session,
-                    o.job_id,
-                    o.claim_token,
-                    error_type=o.error_type or "",
+            requeued: list[uuid.UUID] = []
+            gave_up: list[Outcome] = []  # released, but out of attempts: failed, final like the rest
+            for o in (o for o in outcomes if o.status == JobStatus.QUEUED):
+                state = release_job(
+                    session, o.job_id, o.claim_token, error_type=o.error_type or "",
                     message=o.error_message or "",
-                )
+                )  # fmt: skip
+                if state == JobStatus.QUEUED:
+                    requeued.append(o.job_id)
+                elif state == JobStatus.FAILED:
+                    message = no_attempts_left(o.error_message or "")
+                    gave_up.append(dataclasses.replace(o, status=state, error_message=message))
             outcomes = [o for o in outcomes if o.status != JobStatus.QUEUED]
             if kind.registers_model:
                 outcomes = [self.register_model(session, o, tenants[o.job_id]) for o in outcomes]
@@ -445,8 +449,8 @@ class Runner:
             if kind.registers_model and len(written) < len(outcomes):
                 session.rollback()  # no model version for a job whose claim was lost
                 return outcomes, set(), []
-        self.publish_released([o.job_id for o in released])
-        return outcomes, written, rows
+        self.publish_released(requeued)
+        return outcomes + gave_up, written | {o.job_id for o in gave_up}, rows
 
     def publish_released(self, job_ids: list[uuid.UUID]) -> None:
         """Jobs given back after a transient error go out again after an exponential, jittered delay."""

@@ -121,17 +121,17 @@ def test_reaper_requeues_then_fails_after_max_attempts(session: Session) -> None
     job_id = new_job(session, max_attempts=2)
     claim(session, job_id, lease=0.01)
     time.sleep(0.05)
-    requeued, failed = reap_expired_leases(session)
+    reaped = reap_expired_leases(session)
     session.commit()
-    assert (requeued, failed) == ([job_id], [])
+    assert reaped == ([job_id], [], [])
     job = get_job(session, job_id)
     assert job is not None and job.status == JobStatus.QUEUED and job.published_at is None
     assert [j.id for j in jobs_to_publish(session, republish_after=600)] == [job_id]
     claim(session, job_id, lease=0.01)
     time.sleep(0.05)
-    requeued, failed = reap_expired_leases(session)
+    reaped = reap_expired_leases(session)
     session.commit()
-    assert (requeued, failed) == ([], [job_id])
+    assert reaped == ([], [job_id], [])
     job = get_job(session, job_id)
     assert job is not None and job.status == JobStatus.FAILED and job.error_type == "WorkerLost"
     assert claim(session, job_id) is None
@@ -191,7 +191,8 @@ def test_transient_failure_releases_the_job_then_fails_when_out_of_attempts(sess
     job_id = new_job(session, max_attempts=2)
     token = claim(session, job_id)
     assert token is not None
-    assert release_job(session, job_id, token, error_type="OperationalError", message="connection lost")
+    state = release_job(session, job_id, token, error_type="OperationalError", message="connection lost")
+    assert state == JobStatus.QUEUED
     session.commit()
     job = get_job(session, job_id)
     assert job is not None and job.status == JobStatus.QUEUED and job.claim_token is None
@@ -206,7 +207,8 @@ def test_transient_failure_releases_the_job_then_fails_when_out_of_attempts(sess
     spent = new_job(session, max_attempts=1)
     token = claim(session, spent)
     assert token is not None
-    assert not release_job(session, spent, token, error_type="OutOfMemoryError", message="CUDA out of memory")
+    state = release_job(session, spent, token, error_type="OutOfMemoryError", message="CUDA out of memory")
+    assert state == JobStatus.FAILED
     session.commit()
     job = get_job(session, spent)
     assert job is not None and job.status == JobStatus.FAILED and job.error_type == "OutOfMemoryError"
