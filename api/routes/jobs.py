@@ -298,8 +298,12 @@ async def job_events(
     job_id: uuid.UUID,
     events: EventListener = Depends(get_events),
     principal: Principal = Depends(current_principal),
+    session: Session = Depends(get_session),
 ) -> StreamingResponse:
-    # Its own session: a streamed response outlives the request's injected one.
+    # The API-key lookup left the request's session in a transaction, which FastAPI would end
+    # only after the stream: each watcher would pin a pooled connection for a whole job.
+    await run_in_threadpool(session.close)
+    # Its own short sessions, one per read.
     sessions = get_sessionmaker(request.app.state.settings.sqlalchemy_url)
 
     def load() -> Job | None:

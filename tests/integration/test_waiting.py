@@ -145,6 +145,32 @@ def test_waiting_requests_hold_no_database_connection(client: httpx.Client, pg_u
     assert idle_in_transaction == (0,)
 
 
+def test_event_streams_hold_no_database_connection(client: httpx.Client, pg_url: str) -> None:
+    """An event stream may stay open for a whole training run: one that kept the request's
+    session (the API-key lookup's transaction) would pin a pooled connection until it ended."""
+    job_id = insert_unpublished_job(pg_url, tenant_of(client))
+    database = pg_url.rpartition("/")[2]
+    streams = 3
+    with contextlib.ExitStack() as stack:
+        lines = []
+        for _ in range(streams):
+            response = stack.enter_context(client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=60))
+            assert response.status_code == 200
+            lines.append(response.iter_lines())
+        # Each stream has sent the job as queued: its handler is past authentication, and waiting.
+        first = [json.loads(next(line for line in it if line.startswith("data: "))[6:]) for it in lines]
+        assert [job["status"] for job in first] == ["queued"] * streams
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            idle_in_transaction = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state LIKE 'idle in transaction%%'",
+                (database,),
+            ).fetchone()
+        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        last = [json.loads(next(line for line in it if line.startswith("data: "))[6:]) for it in lines]
+    assert [job["status"] for job in last] == ["cancelled"] * streams
+    assert idle_in_transaction == (0,)
+
+
 def test_a_finished_event_carries_a_lone_jobs_row_to_its_waiters(redis_url: str) -> None:
     """Through real Redis: the row rides along (a waiter needs no read) unless the event would be
     too big, and then the waiter is still woken, with no row."""
