@@ -368,12 +368,13 @@ def cancel(
     session: Session = Depends(get_session),
     principal: Principal = Depends(current_principal),
 ) -> JobOut:
-    job = cancel_job(session, job_id, principal.tenant)
+    job, cancelled = cancel_job(session, job_id, principal.tenant)
     session.commit()
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
+    # A job cancelled by an earlier call is as finished as a succeeded one; nothing changed to announce.
+    if job.status.terminal and not cancelled:
+        raise HTTPException(status_code=409, detail=f"job already {job.status.value}")
     # Wake long-polls and event streams on every API replica (a queued job just became final).
     request.app.state.event_publisher.changed([job_id], final=job.status.terminal)
-    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-        raise HTTPException(status_code=409, detail=f"job already {job.status.value}")
     return JobOut.from_row(job)

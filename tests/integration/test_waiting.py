@@ -58,6 +58,13 @@ def test_cancel_rules(client: httpx.Client) -> None:
     assert client.post(f"/v1/jobs/{uuid.uuid4()}/cancel").status_code == 404
 
 
+def test_cancelling_a_cancelled_job_is_409(client: httpx.Client, pg_url: str) -> None:
+    job_id = insert_unpublished_job(pg_url, tenant_of(client))
+    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 409 and r.json() == {"detail": "job already cancelled"}
+
+
 def test_wait_until_finished_answers_once(client: httpx.Client) -> None:
     job = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["one answer"]}}).json()
     done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 30, "until": "finished"}).json()

@@ -95,6 +95,15 @@ def test_broker_down_still_accepts_and_keeps_the_job_for_the_sweeper(api: TestCl
     assert ready.json()["checks"]["database"] == "ok"
 
 
+def test_cancelling_a_job_twice_is_409_the_second_time(api: TestClient) -> None:
+    job = api.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["queued"]}}).json()
+    first = api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert first.status_code == 200 and first.json()["status"] == "cancelled"
+    again = api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and again.json() == {"detail": "job already cancelled"}
+    assert api.get(f"/v1/jobs/{job['id']}").json() == first.json()
+
+
 def test_while_the_broker_is_down_submissions_do_not_each_wait_for_it(api: TestClient) -> None:
     # kombu retried every publish for seconds; after one failure the publisher now stops trying
     # for a moment, and the jobs wait for the sweeper instead.
