@@ -46,6 +46,8 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 SSE_KEEPALIVE_SECONDS = 15
 # The longest a request waits for a job (`?wait=` on GET, `Prefer: wait` on POST).
 MAX_WAIT_S = 60.0
+# Jobs per page of GET /v1/jobs when the request names no `limit`.
+DEFAULT_PAGE = 50
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
 
@@ -340,11 +342,32 @@ async def job_events(
 def read_jobs(
     status: JobStatus | None = None,
     kind: str | None = Query(default=None, max_length=64),
-    limit: int = Query(default=50, ge=1, le=200),
+    limit: int | None = Query(
+        default=None,
+        ge=1,
+        description=f"Jobs per page: {DEFAULT_PAGE} unless given, at most TENSORQ_LIST_PAGE_MAX (200 by default)",
+    ),
     cursor: str | None = Query(default=None, max_length=200, description="next_cursor of the previous page"),
     session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings),
     principal: Principal = Depends(current_principal),
 ) -> Response:
+    # The bound is a setting, so it is checked here rather than by the parameter; a page asked
+    # for is refused above it, the default one is cut to it.
+    if limit is None:
+        limit = min(DEFAULT_PAGE, settings.list_page_max)
+    elif limit > settings.list_page_max:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", "limit"),
+                    "msg": f"Input should be less than or equal to {settings.list_page_max}",
+                    "type": "less_than_equal",
+                    "input": limit,
+                    "ctx": {"le": settings.list_page_max},
+                }
+            ]
+        )
     try:
         jobs, next_cursor = list_jobs(
             session, tenant=principal.tenant, status=status, kind=kind, limit=limit, cursor=cursor
