@@ -1,10 +1,11 @@
-"""Per-request limits (422 naming the field) and per-tenant quotas (429 with Retry-After)."""
+"""Per-request limits and references (422 naming the field) and per-tenant quotas (429 with Retry-After)."""
 
 from __future__ import annotations
 
 import math
 import threading
 import time
+import uuid
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.webhooks import check_url
 from db.jobs import count_active_jobs
+from db.registry import get_dataset
 from db.tenants import Principal
 from tensorq.ratelimit import RateLimiter
 from tensorq.settings import Settings
@@ -23,7 +25,7 @@ def check_limits(
     loc: tuple[str, ...],
 ) -> None:  # fmt: skip
     """`items` are validated job bodies; `loc` is where they sit in the request (body, or body.jobs)."""
-    errors = request_errors(settings, items, loc)
+    errors = request_errors(settings, items, loc) + dataset_errors(session, principal.tenant, items, loc)
     if errors:
         raise RequestValidationError(errors)
     counts: ActiveJobCounts = request.app.state.active_jobs
@@ -68,6 +70,33 @@ def request_errors(settings: Settings, items: list[Any], loc: tuple[str, ...]) -
     if len(items) > settings.max_batch_jobs:
         msg = f"at most {settings.max_batch_jobs} jobs per request"
         errors.append({"loc": loc, "msg": msg, "type": "too_long"})
+    return errors
+
+
+def dataset_errors(
+    session: Session, tenant: str, items: list[Any], loc: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """A job naming a dataset its tenant lacks is refused here rather than failed by the worker,
+    which checks again: a dataset can be pruned between submission and run. Another tenant's
+    dataset is as absent as a missing one."""
+    errors: list[dict[str, Any]] = []
+    found: dict[str, bool] = {}
+    for i, item in enumerate(items):
+        # Whatever the kind, `dataset_id` names a stored dataset (db.retention relies on it too).
+        dataset_id = getattr(item.input, "dataset_id", None)
+        if dataset_id is None:
+            continue
+        if dataset_id not in found:
+            try:
+                found[dataset_id] = get_dataset(session, uuid.UUID(dataset_id), tenant) is not None
+            except ValueError:  # not a UUID: no dataset has that id
+                found[dataset_id] = False
+        if not found[dataset_id]:
+            item_loc = (*loc, i) if len(loc) > 1 else loc
+            errors.append(
+                {"loc": (*item_loc, "input", "dataset_id"), "msg": "no such dataset", "type": "not_found",
+                 "input": dataset_id}
+            )  # fmt: skip
     return errors
 
 

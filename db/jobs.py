@@ -457,10 +457,12 @@ def no_attempts_left(message: str) -> str:
     return f"{message} (transient, but no attempts are left)"
 
 
-def cancel_job(session: Session, job_id: uuid.UUID, tenant: str) -> Job | None:
-    """Cancel a queued job at once; ask a running one to stop. Terminal jobs are left as they are."""
+def cancel_job(session: Session, job_id: uuid.UUID, tenant: str) -> tuple[Job | None, bool]:
+    """Cancel a queued job at once; ask a running one to stop. Terminal jobs are left as they are.
+    Returns the job and whether this call cancelled it: a job found cancelled may have been
+    cancelled earlier (or by a concurrent call), which is not the same answer to the caller."""
     now = utcnow()
-    session.execute(
+    cancelled = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.tenant == tenant, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, updated_at=now)
@@ -472,7 +474,7 @@ def cancel_job(session: Session, job_id: uuid.UUID, tenant: str) -> Job | None:
         .values(cancel_requested=True, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    return get_job(session, job_id, tenant)
+    return get_job(session, job_id, tenant), bool(cancelled.rowcount)  # type: ignore[attr-defined]
 
 
 def fail_held_job(session: Session, job_id: uuid.UUID, *, worker: str, error_type: str, message: str) -> bool:

@@ -85,6 +85,14 @@ def responds(url: str) -> bool:
 
 def insert_queued_embed_row(pg_url: str, tenant: str, params: dict[str, Any], *, published: bool) -> str:
     """A queued embed job written straight to PostgreSQL, bypassing the API's validation."""
+    return insert_queued_row(pg_url, tenant, "embed", params, published=published)
+
+
+def insert_queued_row(
+    pg_url: str, tenant: str, kind: str, params: dict[str, Any], *, published: bool,
+    model: str = "all-MiniLM-L6-v2", queue: str = "inference",
+) -> str:  # fmt: skip
+    """A queued job written straight to PostgreSQL, bypassing the API's validation."""
     import json as _json
     import uuid as _uuid
 
@@ -93,9 +101,8 @@ def insert_queued_embed_row(pg_url: str, tenant: str, params: dict[str, Any], *,
         conn.execute(
             "INSERT INTO jobs (id, tenant, kind, model, queue, status, params, attempts, max_attempts,"
             " cancel_requested, created_at, updated_at, published_at, webhook_attempts) VALUES (%s, %s,"
-            " 'embed', 'all-MiniLM-L6-v2', 'inference', 'queued', %s, 0, 3, false, now(), now(),"
-            " CASE WHEN %s THEN now() END, 0)",
-            (job_id, tenant, _json.dumps(params), published),
+            " %s, %s, %s, 'queued', %s, 0, 3, false, now(), now(), CASE WHEN %s THEN now() END, 0)",
+            (job_id, tenant, kind, model, queue, _json.dumps(params), published),
         )
     return str(job_id)
 

@@ -46,6 +46,8 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 SSE_KEEPALIVE_SECONDS = 15
 # The longest a request waits for a job (`?wait=` on GET, `Prefer: wait` on POST).
 MAX_WAIT_S = 60.0
+# Jobs per page of GET /v1/jobs when the request names no `limit`.
+DEFAULT_PAGE = 50
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
 
@@ -299,8 +301,12 @@ async def job_events(
     job_id: uuid.UUID,
     events: EventListener = Depends(get_events),
     principal: Principal = Depends(current_principal),
+    session: Session = Depends(get_session),
 ) -> StreamingResponse:
-    # Its own session: a streamed response outlives the request's injected one.
+    # The API-key lookup left the request's session in a transaction, which FastAPI would end
+    # only after the stream: each watcher would pin a pooled connection for a whole job.
+    await run_in_threadpool(session.close)
+    # Its own short sessions, one per read.
     sessions = get_sessionmaker(request.app.state.settings.sqlalchemy_url)
 
     def load() -> Job | None:
@@ -337,11 +343,32 @@ async def job_events(
 def read_jobs(
     status: JobStatus | None = None,
     kind: str | None = Query(default=None, max_length=64),
-    limit: int = Query(default=50, ge=1, le=200),
+    limit: int | None = Query(
+        default=None,
+        ge=1,
+        description=f"Jobs per page: {DEFAULT_PAGE} unless given, at most TENSORQ_LIST_PAGE_MAX (200 by default)",
+    ),
     cursor: str | None = Query(default=None, max_length=200, description="next_cursor of the previous page"),
     session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings),
     principal: Principal = Depends(current_principal),
 ) -> Response:
+    # The bound is a setting, so it is checked here rather than by the parameter; a page asked
+    # for is refused above it, the default one is cut to it.
+    if limit is None:
+        limit = min(DEFAULT_PAGE, settings.list_page_max)
+    elif limit > settings.list_page_max:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", "limit"),
+                    "msg": f"Input should be less than or equal to {settings.list_page_max}",
+                    "type": "less_than_equal",
+                    "input": limit,
+                    "ctx": {"le": settings.list_page_max},
+                }
+            ]
+        )
     try:
         jobs, next_cursor = list_jobs(
             session, tenant=principal.tenant, status=status, kind=kind, limit=limit, cursor=cursor
@@ -365,12 +392,13 @@ def cancel(
     session: Session = Depends(get_session),
     principal: Principal = Depends(current_principal),
 ) -> JobOut:
-    job = cancel_job(session, job_id, principal.tenant)
+    job, cancelled = cancel_job(session, job_id, principal.tenant)
     session.commit()
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
+    # A job cancelled by an earlier call is as finished as a succeeded one; nothing changed to announce.
+    if job.status.terminal and not cancelled:
+        raise HTTPException(status_code=409, detail=f"job already {job.status.value}")
     # Wake long-polls and event streams on every API replica (a queued job just became final).
     request.app.state.event_publisher.changed([job_id], final=job.status.terminal)
-    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-        raise HTTPException(status_code=409, detail=f"job already {job.status.value}")
     return JobOut.from_row(job)

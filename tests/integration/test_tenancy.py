@@ -15,7 +15,7 @@ from db.session import session_scope
 from tasks.data import sample_dataset_path
 from tensorq.settings import Settings
 from tests.conftest import Service
-from tests.helpers import wait_job
+from tests.helpers import insert_queued_row, tenant_of, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -129,17 +129,21 @@ def test_another_tenants_datasets_and_models_answer_404(owned: Owned) -> None:
     assert a.get(f"/v1/models/{owned.model}").json()["aliases"] == {"production": 1}
 
 
-def test_workers_resolve_models_and_datasets_in_the_jobs_tenant(owned: Owned) -> None:
+def test_workers_resolve_models_and_datasets_in_the_jobs_tenant(owned: Owned, pg_url: str) -> None:
     b = owned.b
     classify = b.post("/v1/jobs", json={"kind": "classify", "input": {"model": owned.model, "texts": ["x"]}})
-    train = b.post(
-        "/v1/jobs",
-        json={
-            "kind": "train-text-classifier",
-            "input": {"dataset_id": owned.dataset, "model_name": "stolen"},
-        },
+    stolen = {"dataset_id": owned.dataset, "model_name": "stolen"}
+    # The API refuses another tenant's dataset as it does a missing one, and stores nothing...
+    refused = b.post("/v1/jobs", json={"kind": "train-text-classifier", "input": stolen})
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["body", "input", "dataset_id"]
+    assert b.get("/v1/jobs", params={"kind": "train-text-classifier"}).json()["items"] == []
+    # ...and a job naming it anyway (written to the database, past the API) fails in the worker.
+    tenant = tenant_of(b)
+    train = insert_queued_row(
+        pg_url, tenant, "train-text-classifier", stolen, published=False, model="stolen", queue="training"
     )
-    done = [wait_job(b, r.json()["id"]) for r in (classify, train)]
+    done = [wait_job(b, classify.json()["id"]), wait_job(b, train)]
     assert [(j["status"], j["error"]["type"]) for j in done] == [
         ("failed", "ModelNotFound"),
         ("failed", "DatasetNotFound"),

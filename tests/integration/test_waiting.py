@@ -58,6 +58,13 @@ def test_cancel_rules(client: httpx.Client) -> None:
     assert client.post(f"/v1/jobs/{uuid.uuid4()}/cancel").status_code == 404
 
 
+def test_cancelling_a_cancelled_job_is_409(client: httpx.Client, pg_url: str) -> None:
+    job_id = insert_unpublished_job(pg_url, tenant_of(client))
+    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 409 and r.json() == {"detail": "job already cancelled"}
+
+
 def test_wait_until_finished_answers_once(client: httpx.Client) -> None:
     job = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["one answer"]}}).json()
     done = client.get(f"/v1/jobs/{job['id']}", params={"wait": 30, "until": "finished"}).json()
@@ -142,6 +149,32 @@ def test_waiting_requests_hold_no_database_connection(client: httpx.Client, pg_u
             ).fetchone()
         answers = [p.result() for p in polls]
     assert [a.json()["status"] for a in answers] == ["queued"] * waiters
+    assert idle_in_transaction == (0,)
+
+
+def test_event_streams_hold_no_database_connection(client: httpx.Client, pg_url: str) -> None:
+    """An event stream may stay open for a whole training run: one that kept the request's
+    session (the API-key lookup's transaction) would pin a pooled connection until it ended."""
+    job_id = insert_unpublished_job(pg_url, tenant_of(client))
+    database = pg_url.rpartition("/")[2]
+    streams = 3
+    with contextlib.ExitStack() as stack:
+        lines = []
+        for _ in range(streams):
+            response = stack.enter_context(client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=60))
+            assert response.status_code == 200
+            lines.append(response.iter_lines())
+        # Each stream has sent the job as queued: its handler is past authentication, and waiting.
+        first = [json.loads(next(line for line in it if line.startswith("data: "))[6:]) for it in lines]
+        assert [job["status"] for job in first] == ["queued"] * streams
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            idle_in_transaction = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state LIKE 'idle in transaction%%'",
+                (database,),
+            ).fetchone()
+        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        last = [json.loads(next(line for line in it if line.startswith("data: "))[6:]) for it in lines]
+    assert [job["status"] for job in last] == ["cancelled"] * streams
     assert idle_in_transaction == (0,)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -10,7 +11,8 @@ from sqlalchemy import func, select
 
 from api.app import create_app
 from db.models import Job
-from db.session import get_sessionmaker
+from db.registry import create_dataset
+from db.session import get_sessionmaker, session_scope
 from tasks.texts import MAX_TEXTS
 from tensorq.settings import Settings
 from tests.helpers import create_api_key
@@ -95,6 +97,15 @@ def test_broker_down_still_accepts_and_keeps_the_job_for_the_sweeper(api: TestCl
     assert ready.json()["checks"]["database"] == "ok"
 
 
+def test_cancelling_a_job_twice_is_409_the_second_time(api: TestClient) -> None:
+    job = api.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["queued"]}}).json()
+    first = api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert first.status_code == 200 and first.json()["status"] == "cancelled"
+    again = api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and again.json() == {"detail": "job already cancelled"}
+    assert api.get(f"/v1/jobs/{job['id']}").json() == first.json()
+
+
 def test_while_the_broker_is_down_submissions_do_not_each_wait_for_it(api: TestClient) -> None:
     # kombu retried every publish for seconds; after one failure the publisher now stops trying
     # for a moment, and the jobs wait for the sweeper instead.
@@ -145,6 +156,43 @@ def test_batch_error_names_the_item_index_and_stores_nothing(api: TestClient) ->
     assert job_count(api.sqlite_url) == 0  # type: ignore[attr-defined]
 
 
+def add_dataset(url: str, tenant: str) -> str:
+    """A stored dataset row (the check at submission reads no file)."""
+    dataset_id = uuid.uuid4()
+    with session_scope(url) as session:
+        create_dataset(
+            session, tenant=tenant, dataset_id=dataset_id, name=None, path=f"datasets/{dataset_id}.jsonl",
+            rows=2, labels=["a", "b"], sha256="0" * 64, size_bytes=10,
+        )  # fmt: skip
+    return str(dataset_id)
+
+
+def train_on(dataset_id: str) -> dict[str, object]:
+    return {"kind": "train-text-classifier", "input": {"dataset_id": dataset_id, "model_name": "m"}}
+
+
+def test_training_on_a_dataset_the_tenant_lacks_is_422_and_stores_nothing(api: TestClient) -> None:
+    url = api.sqlite_url  # type: ignore[attr-defined]
+    mine, theirs = add_dataset(url, "unit"), add_dataset(url, "other")
+    # Missing, another tenant's, not even an id: the same answer, naming the field.
+    for dataset_id in (str(uuid.uuid4()), theirs, "reviews-2024"):
+        r = api.post("/v1/jobs", json=train_on(dataset_id))
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == [
+            {"loc": ["body", "input", "dataset_id"], "msg": "no such dataset", "type": "not_found",
+             "input": dataset_id}
+        ]  # fmt: skip
+    waited = api.post("/v1/jobs", json=train_on(theirs), headers={"Prefer": "wait=1"})
+    assert waited.status_code == 422 and waited.json()["detail"][0]["loc"] == ["body", "input", "dataset_id"]
+    r = api.post("/v1/jobs:batch", json={"jobs": [train_on(mine), train_on(theirs)]})
+    assert r.status_code == 422
+    assert [e["loc"] for e in r.json()["detail"]] == [["body", "jobs", 1, "input", "dataset_id"]]
+    assert job_count(url) == 0
+    assert api.post("/v1/jobs", json=train_on(mine)).status_code == 202
+    assert api.post("/v1/jobs:batch", json={"jobs": [train_on(mine)] * 2}).status_code == 202
+    assert job_count(url) == 3
+
+
 def test_batch_size_limits(api: TestClient) -> None:
     assert api.post("/v1/jobs:batch", json={"jobs": []}).status_code == 422
     tiny = {"kind": "embed", "input": {"texts": ["a"]}}
@@ -185,8 +233,6 @@ def test_hostile_bodies_are_4xx_json_and_store_nothing(api: TestClient, raw: byt
 
 
 def test_jobs_submitted_together_go_out_in_as_few_messages_as_one_batch_would_take() -> None:
-    import uuid
-
     from api.routes.jobs import message_groups
 
     def job(

@@ -199,6 +199,24 @@ def test_per_request_limits_are_settings_and_name_the_field(sqlite_url: str) -> 
     assert job_count(sqlite_url) == 2
 
 
+def test_the_list_page_size_is_a_setting(sqlite_url: str) -> None:
+    key = create_api_key(sqlite_url, "acme")
+    with make_api(sqlite_url) as api:
+        assert api.post("/v1/jobs:batch", headers=bearer(key), json={"jobs": [EMBED] * 4}).status_code == 202
+        assert api.get("/v1/jobs", headers=bearer(key), params={"limit": 200}).status_code == 200
+        r = api.get("/v1/jobs", headers=bearer(key), params={"limit": 201})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "limit"]
+    with make_api(sqlite_url, list_page_max=3) as api:
+        r = api.get("/v1/jobs", headers=bearer(key), params={"limit": 4})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "limit"]
+        assert r.json()["detail"][0]["ctx"] == {"le": "3"}
+        page = api.get("/v1/jobs", headers=bearer(key), params={"limit": 3}).json()
+        assert len(page["items"]) == 3 and page["next_cursor"]
+        # Without a limit, the default page (50) is cut to the setting rather than refused.
+        page = api.get("/v1/jobs", headers=bearer(key)).json()
+        assert len(page["items"]) == 3 and page["next_cursor"]
+
+
 def test_the_active_job_quota_is_per_tenant(sqlite_url: str) -> None:
     acme, globex = create_api_key(sqlite_url, "acme"), create_api_key(sqlite_url, "globex")
     with make_api(sqlite_url, tenant_max_active_jobs=3) as api:

@@ -139,16 +139,21 @@ def test_reaper_requeues_then_fails_after_max_attempts(session: Session) -> None
 
 def test_cancel_queued_at_once_running_on_request(session: Session) -> None:
     queued = new_job(session)
-    job = cancel_job(session, queued, "t")
+    job, cancelled = cancel_job(session, queued, "t")
     session.commit()
     assert job is not None and job.status == JobStatus.CANCELLED and job.finished_at is not None
+    assert cancelled
     assert claim(session, queued) is None
+    # Already final: left alone, and said so.
+    job, cancelled = cancel_job(session, queued, "t")
+    assert job is not None and job.status == JobStatus.CANCELLED and not cancelled
 
     running = new_job(session)
     token = claim(session, running)
-    job = cancel_job(session, running, "t")
+    job, cancelled = cancel_job(session, running, "t")
     session.commit()
     assert job is not None and job.status == JobStatus.RUNNING and job.cancel_requested
+    assert not cancelled
     assert token is not None
     finish_jobs(session, [Outcome(running, token, JobStatus.CANCELLED)])
     session.commit()
