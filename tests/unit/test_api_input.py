@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.app import create_app
-from db.models import Job
+from db.models import Dataset, Job
 from db.session import get_sessionmaker
 from tasks.texts import MAX_TEXTS
 from tensorq.settings import Settings
@@ -17,19 +18,35 @@ from tests.helpers import create_api_key
 
 
 @pytest.fixture
-def api(sqlite_url: str) -> Iterator[TestClient]:
+def api(sqlite_url: str, tmp_path: Path) -> Iterator[TestClient]:
     # An unreachable broker: no valid path below may depend on it, and nothing invalid reaches it.
-    settings = Settings(database_url=sqlite_url, redis_url="redis://127.0.0.1:1/0", max_body_bytes=64 * 1024)
+    settings = Settings(
+        database_url=sqlite_url,
+        redis_url="redis://127.0.0.1:1/0",
+        max_body_bytes=64 * 1024,
+        artifact_dir=tmp_path / "artifacts",
+    )
     app = create_app(settings, run_sweeper=False)
     key = create_api_key(sqlite_url, "unit")
     with TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {key}"}) as client:
         client.sqlite_url = sqlite_url  # type: ignore[attr-defined]
+        client.artifact_dir = tmp_path / "artifacts"  # type: ignore[attr-defined]
         yield client
 
 
 def job_count(url: str) -> int:
     with get_sessionmaker(url)() as s:
         return s.scalar(select(func.count()).select_from(Job)) or 0
+
+
+def dataset_count(url: str) -> int:
+    with get_sessionmaker(url)() as s:
+        return s.scalar(select(func.count()).select_from(Dataset)) or 0
+
+
+def stored_files(api: TestClient) -> list[Path]:
+    root: Path = api.artifact_dir  # type: ignore[attr-defined]
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
 @pytest.mark.parametrize(
@@ -221,3 +238,53 @@ def test_jobs_submitted_together_go_out_in_as_few_messages_as_one_batch_would_ta
     assert sorted(i for _, ids, _ in named for i in ids) == sorted(j.id for j in jobs)
     # Batching off (group size 1): one message per job, as before.
     assert [ids for _, ids, _ in message_groups(jobs, max_texts=1)] == [[str(j.id)] for j in jobs]
+
+
+def post_raw(api: TestClient, raw: bytes, loc: list[object]) -> list[dict[str, object]]:
+    """POST `raw` alone and inside a batch; both must be 422 JSON naming `loc`. Returns the errors."""
+    errors: list[dict[str, object]] = []
+    for path, sent, where in (
+        ("/v1/jobs", raw, loc),
+        ("/v1/jobs:batch", b'{"jobs": [' + raw + b"]}", ["body", "jobs", 0, *loc[1:]]),
+    ):
+        r = api.post(path, content=sent, headers={"content-type": "application/json"})
+        assert r.status_code == 422, (path, r.status_code, r.text[:300])
+        assert r.headers["content-type"] == "application/json"
+        r.content.decode("utf-8")  # strict: the answer itself is valid UTF-8
+        found = [e for e in r.json()["detail"] if e["loc"] == where]
+        assert found, (where, r.json()["detail"])
+        errors += found
+    assert job_count(api.sqlite_url) == 0  # type: ignore[attr-defined]
+    return errors
+
+
+# Raw bodies: a JSON escape is how a client sends NUL or a lone surrogate (`json=` would refuse to
+# encode the surrogate on our side of the wire).
+@pytest.mark.parametrize(
+    ("raw", "loc"),
+    [
+        (rb'{"kind": "emb\ud800ed", "input": {"texts": ["a"]}}', ["body", "kind"]),
+        (rb'{"kind": "classify", "input": {"model": "m\ud800", "texts": ["a"]}}', ["body", "input", "model"]),
+        (rb'{"kind": "embed", "input": {"texts": ["a"]}, "webhook": "https://h\ud800.example/"}', ["body", "webhook"]),
+        (rb'{"kind": "embed", "input": {"texts": ["a"]}, "webhook": "https://h.example/\ud800"}', ["body", "webhook"]),
+        # pydantic cannot read such a field name, so `loc` is its object and `input` the name.
+        (rb'{"kind": "embed", "input": {"texts": ["a"]}, "x\ud800": 1}', ["body"]),
+        (rb'{"kind": "embed", "input": {"texts": ["a"], "\udfff": 1}}', ["body", "input"]),
+    ],
+    ids=["kind", "model-ref", "webhook-host", "webhook-path", "field-name", "input-field-name"],
+)  # fmt: skip
+def test_a_lone_surrogate_echoed_in_the_error_still_gets_a_422(
+    api: TestClient, raw: bytes, loc: list[object]
+) -> None:
+    errors = post_raw(api, raw, loc)
+    # The offending value is still echoed, with what UTF-8 cannot encode as U+FFFD.
+    assert all("\ufffd" in str(e["input"]) for e in errors), errors
+
+
+def test_a_lone_surrogate_named_in_a_dataset_error_still_gets_a_422(api: TestClient) -> None:
+    raw = b'{"text": "a", "label": "x"}\n{"text": "b", "label": "y", "n\\ud800": 1}\n'
+    r = api.post("/v1/datasets", content=raw, headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 422, r.text[:300]
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "line", 2] and "n\ufffd" in error["msg"]
+    assert dataset_count(api.sqlite_url) == 0 and stored_files(api) == []  # type: ignore[attr-defined]
