@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from api.app import create_app
 from db.models import Dataset, Job
@@ -361,3 +364,49 @@ def test_a_dataset_line_the_database_cannot_store_is_422_and_stores_nothing(
     assert error["loc"] == ["body", "line", 2]
     assert f"'{field}'" in error["msg"] and why in error["msg"], error
     assert dataset_count(api.sqlite_url) == 0 and stored_files(api) == []  # type: ignore[attr-defined]
+
+
+def upload_dataset(api: TestClient, data: bytes) -> httpx.Response:
+    return api.post("/v1/datasets", content=data, headers={"content-type": "application/x-ndjson"})
+
+
+DATASET = b'{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n'
+
+
+def test_an_upload_whose_commit_fails_leaves_no_file(api: TestClient) -> None:
+    url: str = api.sqlite_url  # type: ignore[attr-defined]
+    with get_sessionmaker(url)() as s:
+        s.execute(
+            text("CREATE TRIGGER full BEFORE INSERT ON datasets BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        )
+        s.commit()
+    r = upload_dataset(api, DATASET)
+    assert r.status_code == 500 and r.json()["detail"].startswith("internal error"), r.text
+    assert dataset_count(url) == 0 and stored_files(api) == []
+
+    with get_sessionmaker(url)() as s:
+        s.execute(text("DROP TRIGGER full"))
+        s.commit()
+    r = upload_dataset(api, DATASET)
+    assert r.status_code == 201, r.text
+    assert [f.read_bytes() for f in stored_files(api)] == [DATASET]
+
+
+def test_an_upload_whose_commit_lands_but_then_raises_keeps_its_file(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection can drop after COMMIT reached the server: the row exists although commit()
+    # raised. Its file must stay, or the dataset would name a missing file.
+    real_commit = Session.commit
+
+    def commit_then_lose_the_connection(self: Session) -> None:
+        real_commit(self)
+        raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection"))
+
+    monkeypatch.setattr(Session, "commit", commit_then_lose_the_connection)
+    r = upload_dataset(api, DATASET)
+    monkeypatch.undo()
+    assert r.status_code == 500, r.text
+    with get_sessionmaker(api.sqlite_url)() as s:  # type: ignore[attr-defined]
+        [path] = s.scalars(select(Dataset.path)).all()
+    assert stored_files(api) == [api.artifact_dir / path]  # type: ignore[attr-defined]
