@@ -4,6 +4,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -60,6 +61,13 @@ async def upload_dataset(
     principal: Principal = Depends(current_principal),
 ) -> DatasetOut:
     data = await request.body()
+    # Parsing (most of a second for a large body), the fsync'ed write and the commit all block;
+    # on the event loop they would hold up every other request of this process.
+    ds = await run_in_threadpool(store_upload, session, settings, principal.tenant, name, data)
+    return dataset_out(ds)
+
+
+def store_upload(session: Session, settings: Settings, tenant: str, name: str | None, data: bytes) -> Dataset:
     try:
         parsed = parse_jsonl(data, max_rows=settings.dataset_max_rows)
     except DatasetError as exc:
@@ -75,7 +83,7 @@ async def upload_dataset(
     store.write_atomic(relpath, data)
     try:
         ds = create_dataset(
-            session, tenant=principal.tenant, dataset_id=dataset_id, name=name, path=relpath, rows=len(parsed.rows),
+            session, tenant=tenant, dataset_id=dataset_id, name=name, path=relpath, rows=len(parsed.rows),
             labels=parsed.labels, sha256=parsed.sha256, size_bytes=parsed.size_bytes,
         )  # fmt: skip
         session.commit()
@@ -83,7 +91,7 @@ async def upload_dataset(
         if not _maybe_committed(session, dataset_id):
             store.path(relpath).unlink(missing_ok=True)
         raise
-    return dataset_out(ds)
+    return ds
 
 
 def _maybe_committed(session: Session, dataset_id: uuid.UUID) -> bool:

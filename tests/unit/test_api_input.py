@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -410,3 +411,35 @@ def test_an_upload_whose_commit_lands_but_then_raises_keeps_its_file(
     with get_sessionmaker(api.sqlite_url)() as s:  # type: ignore[attr-defined]
         [path] = s.scalars(select(Dataset.path)).all()
     assert stored_files(api) == [api.artifact_dir / path]  # type: ignore[attr-defined]
+
+
+def test_an_upload_being_parsed_does_not_hold_up_other_requests(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parsing, writing and committing an upload ran on the event loop: a big body held up every
+    # other request of the process. The parse here blocks until this test lets it go; /healthz must
+    # answer meanwhile. No timing: a failing run merely waits out the parse's timeout first.
+    from api.routes import datasets
+
+    entered, release, parsed = threading.Event(), threading.Event(), threading.Event()
+    real_parse = datasets.parse_jsonl
+
+    def held_parse(data: bytes, *, max_rows: int) -> object:
+        entered.set()
+        release.wait(timeout=10)
+        parsed.set()
+        return real_parse(data, max_rows=max_rows)
+
+    monkeypatch.setattr(datasets, "parse_jsonl", held_parse)
+    uploaded: list[httpx.Response] = []
+    uploader = threading.Thread(target=lambda: uploaded.append(upload_dataset(api, DATASET)))
+    uploader.start()
+    try:
+        assert entered.wait(timeout=30)
+        assert api.get("/healthz").status_code == 200
+        assert not parsed.is_set(), "/healthz waited for the upload's parse"
+    finally:
+        release.set()
+        uploader.join(timeout=30)
+    assert [r.status_code for r in uploaded] == [201]
+    assert [f.read_bytes() for f in stored_files(api)] == [DATASET]
