@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -16,6 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.schemas import KIND_TAGS
 
 log = logging.getLogger(__name__)
+
+# A lone UTF-16 surrogate arrives as a JSON escape ("\ud800") and no UTF-8 writer can encode it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _clean_loc(error: dict[str, Any]) -> dict[str, Any]:
@@ -43,10 +47,22 @@ def _is_item(part: object) -> bool:
     return part == "body" or isinstance(part, int)
 
 
+def _encodable(value: Any) -> Any:
+    # The error echoes what the client sent (a field name in `loc`, a value in `input` or `msg`);
+    # a surrogate among it would turn the 422 into a 500, so it goes back as U+FFFD instead.
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(v) for v in value]
+    return value
+
+
 async def validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [_clean_loc(dict(e)) for e in exc.errors()]
-    return JSONResponse(status_code=422, content=jsonable_encoder({"detail": errors}))
+    return JSONResponse(status_code=422, content=_encodable(jsonable_encoder({"detail": errors})))
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -6,10 +6,11 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, create_model
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints, create_model
 
 from db.models import Job, JobStatus, WebhookState
 from tasks.registry import all_kinds
+from tasks.texts import Storable
 
 
 class JobErrorOut(BaseModel):
@@ -204,7 +205,7 @@ class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     admin: bool = False
-    label: str | None = Field(default=None, max_length=200)
+    label: Annotated[str, StringConstraints(max_length=200), Storable] | None = None
 
 
 class KeyCreated(KeyOut):

@@ -26,12 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from tasks import classifier as clf
 from tasks.context import JobContext, JobError
 from tasks.registry import JobKind
+from tasks.texts import Storable, Text
 
 if TYPE_CHECKING:
     import torch
 
 MAX_INLINE_ROWS = 2000
-MAX_TEXT_CHARS = 8192
 MAX_LABEL_CHARS = clf.MAX_LABEL_CHARS
 CHECKPOINT_EVERY_S = 300.0  # mid-epoch; epochs always end with one
 CHECKPOINT_FORMAT = 1
@@ -40,8 +40,7 @@ WEIGHT_DECAY = 0.01
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
 
-Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
-Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS)]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS), Storable]
 ModelName = Annotated[str, StringConstraints(pattern=f"^{clf.MODEL_NAME_PATTERN}$")]
 DatasetId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.texts import unstorable
+
 MAX_TEXT_CHARS = 8192
 MAX_LABEL_CHARS = 100
 
@@ -41,6 +43,11 @@ def check_row(obj: Any, line: int) -> dict[str, str]:
         raise DatasetError(line, "'label' must be a non-empty string")
     if len(label) > MAX_LABEL_CHARS:
         raise DatasetError(line, f"'label' is longer than {MAX_LABEL_CHARS} characters")
+    # Labels go into a JSONB column. Texts only go into the file, but a training job's rows must
+    # pass the kind's Text as well, so such a text would only fail later, as a failed job.
+    for field, value in (("text", text), ("label", label)):
+        if (reason := unstorable(value)) is not None:
+            raise DatasetError(line, f"'{field}' {reason}")
     return {"text": text, "label": label}
 
 

@@ -4,7 +4,9 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.auth import UNAUTHORIZED, current_principal
@@ -59,6 +61,13 @@ async def upload_dataset(
     principal: Principal = Depends(current_principal),
 ) -> DatasetOut:
     data = await request.body()
+    # Parsing (most of a second for a large body), the fsync'ed write and the commit all block;
+    # on the event loop they would hold up every other request of this process.
+    ds = await run_in_threadpool(store_upload, session, settings, principal.tenant, name, data)
+    return dataset_out(ds)
+
+
+def store_upload(session: Session, settings: Settings, tenant: str, name: str | None, data: bytes) -> Dataset:
     try:
         parsed = parse_jsonl(data, max_rows=settings.dataset_max_rows)
     except DatasetError as exc:
@@ -68,13 +77,34 @@ async def upload_dataset(
     dataset_id = uuid.uuid4()
     store = ArtifactStore(settings.artifact_dir)
     relpath = store.dataset_relpath(dataset_id)
+    # File first, row second, so a committed dataset always has its file. Written after the
+    # commit instead, a crash or full disk in between would leave a dataset whose file is missing;
+    # this way the worst case is a stray file, which names nothing (as in db/retention.py).
     store.write_atomic(relpath, data)
-    ds = create_dataset(
-        session, tenant=principal.tenant, dataset_id=dataset_id, name=name, path=relpath, rows=len(parsed.rows), labels=parsed.labels,
-        sha256=parsed.sha256, size_bytes=parsed.size_bytes,
-    )  # fmt: skip
-    session.commit()
-    return dataset_out(ds)
+    try:
+        ds = create_dataset(
+            session, tenant=tenant, dataset_id=dataset_id, name=name, path=relpath, rows=len(parsed.rows),
+            labels=parsed.labels, sha256=parsed.sha256, size_bytes=parsed.size_bytes,
+        )  # fmt: skip
+        session.commit()
+    except Exception:
+        if not _maybe_committed(session, dataset_id):
+            store.path(relpath).unlink(missing_ok=True)
+        raise
+    return ds
+
+
+def _maybe_committed(session: Session, dataset_id: uuid.UUID) -> bool:
+    """Whether the row may be in the database after a failed commit.
+
+    commit() can raise after the server committed (the connection dropped before the answer), so
+    the row is looked for; if even that fails, the answer is yes and the file stays.
+    """
+    try:
+        session.rollback()
+        return session.scalar(select(Dataset.id).where(Dataset.id == dataset_id)) is not None
+    except Exception:
+        return True
 
 
 @router.get(

@@ -141,6 +141,22 @@ def test_rejected_input_stores_and_enqueues_nothing(
         r = client.post("/v1/jobs", json=body)
         assert r.status_code in (413, 422), r.text
         assert "detail" in r.json()
+    # NUL, which PostgreSQL's JSONB cannot hold, failed the commit with a 500; a lone surrogate,
+    # which UTF-8 cannot encode, failed the 422 that echoed it. Both are a 422 naming the field.
+    unstorable = [
+        (rb'{"kind": "embed", "input": {"texts": ["a\u0000b"]}}', ["body", "input", "texts", 0]),
+        (rb'{"kind": "embed", "input": {"texts": ["a\ud800b"]}}', ["body", "input", "texts", 0]),
+        (
+            rb'{"kind": "train-text-classifier", "input": {"model_name": "m", "data": [{"text": "a",'
+            rb' "label": "x\u0000"}, {"text": "b", "label": "y"}]}}',
+            ["body", "input", "data", 0, "label"],
+        ),
+        (rb'{"kind": "emb\ud800", "input": {"texts": ["a"]}}', ["body", "kind"]),
+    ]
+    for raw, loc in unstorable:
+        r = client.post("/v1/jobs", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert [e["loc"] for e in r.json()["detail"]] == [loc]
     assert client.get(f"/v1/jobs/{uuid.uuid4()}").status_code == 404
     assert rows() == before_rows
     assert broker.llen("inference") == before_msgs

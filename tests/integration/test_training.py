@@ -51,6 +51,11 @@ def test_dataset_upload_validates_every_line_and_stores_nothing_when_bad(client:
     assert r.json()["detail"][0]["loc"] == ["body", "line", 6]
     assert upload(client, b'{"text": "x", "label": "a"}\n{"text": "y", "label": "a"}').status_code == 422
     assert upload(client, b"\xff\xfe").json()["detail"][0]["loc"] == ["body", "line", 1]
+    # PostgreSQL's JSONB cannot hold NUL: the labels' commit failed with a 500.
+    nul_label = b"\n".join([*lines[:3], b'{"text": "fine", "label": "a\\u0000b"}'])
+    r = upload(client, nul_label)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "line", 4]
     assert upload(client, SAMPLE, name="../etc").status_code == 422
     assert len(client.get("/v1/datasets").json()["items"]) == before
 

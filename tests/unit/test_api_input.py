@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from api.app import create_app
-from db.models import Job
+from db.models import Dataset, Job
 from db.registry import create_dataset
 from db.session import get_sessionmaker, session_scope
 from tasks.texts import MAX_TEXTS
@@ -19,19 +24,35 @@ from tests.helpers import create_api_key
 
 
 @pytest.fixture
-def api(sqlite_url: str) -> Iterator[TestClient]:
+def api(sqlite_url: str, tmp_path: Path) -> Iterator[TestClient]:
     # An unreachable broker: no valid path below may depend on it, and nothing invalid reaches it.
-    settings = Settings(database_url=sqlite_url, redis_url="redis://127.0.0.1:1/0", max_body_bytes=64 * 1024)
+    settings = Settings(
+        database_url=sqlite_url,
+        redis_url="redis://127.0.0.1:1/0",
+        max_body_bytes=64 * 1024,
+        artifact_dir=tmp_path / "artifacts",
+    )
     app = create_app(settings, run_sweeper=False)
     key = create_api_key(sqlite_url, "unit")
     with TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {key}"}) as client:
         client.sqlite_url = sqlite_url  # type: ignore[attr-defined]
+        client.artifact_dir = tmp_path / "artifacts"  # type: ignore[attr-defined]
         yield client
 
 
 def job_count(url: str) -> int:
     with get_sessionmaker(url)() as s:
         return s.scalar(select(func.count()).select_from(Job)) or 0
+
+
+def dataset_count(url: str) -> int:
+    with get_sessionmaker(url)() as s:
+        return s.scalar(select(func.count()).select_from(Dataset)) or 0
+
+
+def stored_files(api: TestClient) -> list[Path]:
+    root: Path = api.artifact_dir  # type: ignore[attr-defined]
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
 @pytest.mark.parametrize(
@@ -267,3 +288,204 @@ def test_jobs_submitted_together_go_out_in_as_few_messages_as_one_batch_would_ta
     assert sorted(i for _, ids, _ in named for i in ids) == sorted(j.id for j in jobs)
     # Batching off (group size 1): one message per job, as before.
     assert [ids for _, ids, _ in message_groups(jobs, max_texts=1)] == [[str(j.id)] for j in jobs]
+
+
+def post_raw(api: TestClient, raw: bytes, loc: list[object]) -> list[dict[str, object]]:
+    """POST `raw` alone and inside a batch; both must be 422 JSON naming `loc`. Returns the errors."""
+    errors: list[dict[str, object]] = []
+    for path, sent, where in (
+        ("/v1/jobs", raw, loc),
+        ("/v1/jobs:batch", b'{"jobs": [' + raw + b"]}", ["body", "jobs", 0, *loc[1:]]),
+    ):
+        r = api.post(path, content=sent, headers={"content-type": "application/json"})
+        assert r.status_code == 422, (path, r.status_code, r.text[:300])
+        assert r.headers["content-type"] == "application/json"
+        r.content.decode("utf-8")  # strict: the answer itself is valid UTF-8
+        found = [e for e in r.json()["detail"] if e["loc"] == where]
+        assert found, (where, r.json()["detail"])
+        errors += found
+    assert job_count(api.sqlite_url) == 0  # type: ignore[attr-defined]
+    return errors
+
+
+# Raw bodies: a JSON escape is how a client sends NUL or a lone surrogate (`json=` would refuse to
+# encode the surrogate on our side of the wire).
+@pytest.mark.parametrize(
+    ("raw", "loc"),
+    [
+        (rb'{"kind": "emb\ud800ed", "input": {"texts": ["a"]}}', ["body", "kind"]),
+        (rb'{"kind": "classify", "input": {"model": "m\ud800", "texts": ["a"]}}', ["body", "input", "model"]),
+        (rb'{"kind": "embed", "input": {"texts": ["a"]}, "webhook": "https://h\ud800.example/"}', ["body", "webhook"]),
+        (rb'{"kind": "embed", "input": {"texts": ["a"]}, "webhook": "https://h.example/\ud800"}', ["body", "webhook"]),
+        # pydantic cannot read such a field name, so `loc` is its object and `input` the name.
+        (rb'{"kind": "embed", "input": {"texts": ["a"]}, "x\ud800": 1}', ["body"]),
+        (rb'{"kind": "embed", "input": {"texts": ["a"], "\udfff": 1}}', ["body", "input"]),
+    ],
+    ids=["kind", "model-ref", "webhook-host", "webhook-path", "field-name", "input-field-name"],
+)  # fmt: skip
+def test_a_lone_surrogate_echoed_in_the_error_still_gets_a_422(
+    api: TestClient, raw: bytes, loc: list[object]
+) -> None:
+    errors = post_raw(api, raw, loc)
+    # The offending value is still echoed, with what UTF-8 cannot encode as U+FFFD.
+    assert all("\ufffd" in str(e["input"]) for e in errors), errors
+
+
+def test_a_lone_surrogate_named_in_a_dataset_error_still_gets_a_422(api: TestClient) -> None:
+    raw = b'{"text": "a", "label": "x"}\n{"text": "b", "label": "y", "n\\ud800": 1}\n'
+    r = api.post("/v1/datasets", content=raw, headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 422, r.text[:300]
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "line", 2] and "n\ufffd" in error["msg"]
+    assert dataset_count(api.sqlite_url) == 0 and stored_files(api) == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("raw", "loc", "why"),
+    [
+        (rb'{"kind": "embed", "input": {"texts": ["ok", "a\u0000b"]}}', ["body", "input", "texts", 1], "NUL"),
+        (rb'{"kind": "classify", "input": {"model": "m", "texts": ["\u0000"]}}', ["body", "input", "texts", 0], "NUL"),
+        (
+            rb'{"kind": "train-text-classifier", "input": {"model_name": "m", "data": [{"text": "a\u0000",'
+            rb' "label": "x"}, {"text": "b", "label": "y"}]}}',
+            ["body", "input", "data", 0, "text"], "NUL",
+        ),
+        (
+            rb'{"kind": "train-text-classifier", "input": {"model_name": "m", "data": [{"text": "a",'
+            rb' "label": "x"}, {"text": "b", "label": "y\u0000"}]}}',
+            ["body", "input", "data", 1, "label"], "NUL",
+        ),
+        (rb'{"kind": "embed", "input": {"texts": ["a\ud800b"]}}', ["body", "input", "texts", 0], "surrogate"),
+        (rb'{"kind": "classify", "input": {"model": "m", "texts": ["\udc00"]}}', ["body", "input", "texts", 0], "surrogate"),
+        (
+            rb'{"kind": "train-text-classifier", "input": {"model_name": "m", "data": [{"text": "\ud83d",'
+            rb' "label": "x"}, {"text": "b", "label": "y"}]}}',
+            ["body", "input", "data", 0, "text"], "surrogate",
+        ),
+        (
+            rb'{"kind": "train-text-classifier", "input": {"model_name": "m", "data": [{"text": "a",'
+            rb' "label": "x\udfff"}, {"text": "b", "label": "y"}]}}',
+            ["body", "input", "data", 0, "label"], "surrogate",
+        ),
+    ],
+    ids=[
+        "nul-embed", "nul-classify", "nul-train-text", "nul-train-label",
+        "surrogate-embed", "surrogate-classify", "surrogate-train-text", "surrogate-train-label",
+    ],
+)  # fmt: skip
+def test_text_the_database_cannot_store_is_422_naming_the_field(
+    api: TestClient, raw: bytes, loc: list[object], why: str
+) -> None:
+    # PostgreSQL's text and JSONB cannot hold NUL, and no UTF-8 writer a lone surrogate: on SQLite
+    # these were stored, on PostgreSQL the commit failed with a 500.
+    for error in post_raw(api, raw, loc):
+        assert why in str(error["msg"]), error
+
+
+def test_a_key_label_the_database_cannot_store_is_422(api: TestClient) -> None:
+    admin = {"Authorization": f"Bearer {create_api_key(api.sqlite_url, 'unit', admin=True)}"}  # type: ignore[attr-defined]
+    for raw in (rb'{"label": "a\u0000b"}', rb'{"label": "a\ud800b"}'):
+        r = api.post("/v1/keys", content=raw, headers={**admin, "content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["body", "label"]
+    assert len(api.get("/v1/keys", headers=admin).json()["items"]) == 2  # the fixture's and the admin's
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "why"),
+    [
+        (rb'{"text": "a\u0000b", "label": "x"}', "text", "NUL"),
+        (rb'{"text": "a", "label": "x\u0000"}', "label", "NUL"),
+        (rb'{"text": "a\ud800", "label": "x"}', "text", "surrogate"),
+        (rb'{"text": "a", "label": "\udc00"}', "label", "surrogate"),
+    ],
+    ids=["nul-text", "nul-label", "surrogate-text", "surrogate-label"],
+)
+def test_a_dataset_line_the_database_cannot_store_is_422_and_stores_nothing(
+    api: TestClient, line: bytes, field: str, why: str
+) -> None:
+    raw = b'{"text": "fine", "label": "y"}\n' + line + b"\n"
+    r = api.post("/v1/datasets", content=raw, headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 422, r.text[:300]
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "line", 2]
+    assert f"'{field}'" in error["msg"] and why in error["msg"], error
+    assert dataset_count(api.sqlite_url) == 0 and stored_files(api) == []  # type: ignore[attr-defined]
+
+
+def upload_dataset(api: TestClient, data: bytes) -> httpx.Response:
+    return api.post("/v1/datasets", content=data, headers={"content-type": "application/x-ndjson"})
+
+
+DATASET = b'{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n'
+
+
+def test_an_upload_whose_commit_fails_leaves_no_file(api: TestClient) -> None:
+    url: str = api.sqlite_url  # type: ignore[attr-defined]
+    with get_sessionmaker(url)() as s:
+        s.execute(
+            text("CREATE TRIGGER full BEFORE INSERT ON datasets BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        )
+        s.commit()
+    r = upload_dataset(api, DATASET)
+    assert r.status_code == 500 and r.json()["detail"].startswith("internal error"), r.text
+    assert dataset_count(url) == 0 and stored_files(api) == []
+
+    with get_sessionmaker(url)() as s:
+        s.execute(text("DROP TRIGGER full"))
+        s.commit()
+    r = upload_dataset(api, DATASET)
+    assert r.status_code == 201, r.text
+    assert [f.read_bytes() for f in stored_files(api)] == [DATASET]
+
+
+def test_an_upload_whose_commit_lands_but_then_raises_keeps_its_file(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection can drop after COMMIT reached the server: the row exists although commit()
+    # raised. Its file must stay, or the dataset would name a missing file.
+    real_commit = Session.commit
+
+    def commit_then_lose_the_connection(self: Session) -> None:
+        real_commit(self)
+        raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection"))
+
+    monkeypatch.setattr(Session, "commit", commit_then_lose_the_connection)
+    r = upload_dataset(api, DATASET)
+    monkeypatch.undo()
+    assert r.status_code == 500, r.text
+    with get_sessionmaker(api.sqlite_url)() as s:  # type: ignore[attr-defined]
+        [path] = s.scalars(select(Dataset.path)).all()
+    assert stored_files(api) == [api.artifact_dir / path]  # type: ignore[attr-defined]
+
+
+def test_an_upload_being_parsed_does_not_hold_up_other_requests(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parsing, writing and committing an upload ran on the event loop: a big body held up every
+    # other request of the process. The parse here blocks until this test lets it go; /healthz must
+    # answer meanwhile. No timing: a failing run merely waits out the parse's timeout first.
+    from api.routes import datasets
+
+    entered, release, parsed = threading.Event(), threading.Event(), threading.Event()
+    real_parse = datasets.parse_jsonl
+
+    def held_parse(data: bytes, *, max_rows: int) -> object:
+        entered.set()
+        release.wait(timeout=10)
+        parsed.set()
+        return real_parse(data, max_rows=max_rows)
+
+    monkeypatch.setattr(datasets, "parse_jsonl", held_parse)
+    uploaded: list[httpx.Response] = []
+    uploader = threading.Thread(target=lambda: uploaded.append(upload_dataset(api, DATASET)))
+    uploader.start()
+    try:
+        assert entered.wait(timeout=30)
+        assert api.get("/healthz").status_code == 200
+        assert not parsed.is_set(), "/healthz waited for the upload's parse"
+    finally:
+        release.set()
+        uploader.join(timeout=30)
+    assert [r.status_code for r in uploaded] == [201]
+    assert [f.read_bytes() for f in stored_files(api)] == [DATASET]
