@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import uuid
 from typing import Any
 
@@ -15,11 +14,9 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.schemas import KIND_TAGS
+from tasks.texts import SURROGATE
 
 log = logging.getLogger(__name__)
-
-# A lone UTF-16 surrogate arrives as a JSON escape ("\ud800") and no UTF-8 writer can encode it.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _clean_loc(error: dict[str, Any]) -> dict[str, Any]:
@@ -51,7 +48,7 @@ def _encodable(value: Any) -> Any:
     # The error echoes what the client sent (a field name in `loc`, a value in `input` or `msg`);
     # a surrogate among it would turn the 422 into a 500, so it goes back as U+FFFD instead.
     if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
+        return SURROGATE.sub("\ufffd", value)
     if isinstance(value, dict):
         return {_encodable(k): _encodable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

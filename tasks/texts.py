@@ -15,14 +15,14 @@ MAX_TEXTS = 256
 MAX_TEXT_CHARS = 8192
 
 # A lone UTF-16 surrogate arrives as a JSON escape ("\ud800"); UTF-8 cannot encode it.
-_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def unstorable(value: str) -> str | None:
     """Why PostgreSQL could not store `value`, or None when it can."""
     if "\x00" in value:
         return "must not contain the NUL character (\\u0000)"
-    if _SURROGATE.search(value) is not None:
+    if SURROGATE.search(value) is not None:
         return "must not contain a lone UTF-16 surrogate (\\ud800 to \\udfff)"
     return None
 
