@@ -21,7 +21,15 @@ import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "tensorq:job-events"
+
+def channel(redis_url: str) -> str:
+    """The job-events channel of the deployment using `redis_url`. Pub/sub ignores the database
+    number, so it is part of the name: deployments (or test sessions) that share a Redis server on
+    different databases must not hear each other's jobs, whose rows ride along."""
+    db = redis.connection.parse_url(redis_url).get("db") or 0
+    return f"tensorq:{db}:job-events"
+
+
 # Rows ride along only in small events: every API process and worker parses every event.
 MAX_EVENT_BYTES_WITH_ROWS = 64 * 1024
 
@@ -31,6 +39,7 @@ class EventPublisher:
 
     def __init__(self, redis_url: str) -> None:
         self.client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.channel = channel(redis_url)
 
     def changed(
         self,
@@ -56,7 +65,7 @@ class EventPublisher:
             message["rows"] = {}  # their waiters read the rows from the database instead
             payload = orjson.dumps(message)
         try:
-            self.client.publish(CHANNEL, payload)
+            self.client.publish(self.channel, payload)
         except redis.RedisError as exc:
             log.debug("job event not published: %s", exc)
 
@@ -122,7 +131,7 @@ class EventListener:
             client = aioredis.Redis.from_url(self.redis_url)
             try:
                 async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL)
+                    await pubsub.subscribe(channel(self.redis_url))
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             self._dispatch(message["data"])

@@ -26,7 +26,7 @@ from typing import Any
 import redis
 from celery.worker.strategy import default as default_strategy
 
-from tensorq.events import CHANNEL
+from tensorq.events import channel
 from worker.runner import RecentlyFinished
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class FinishedJobs:
             client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, health_check_interval=30)
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CHANNEL)
+                pubsub.subscribe(channel(self.redis_url))
                 for message in pubsub.listen():
                     self._on_event(message.get("data"))
             except Exception as exc:  # Redis away: messages take the normal path meanwhile

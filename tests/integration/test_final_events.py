@@ -18,7 +18,7 @@ from db.jobs import claim_job, create_job, get_job, mark_published, mark_unpubli
 from db.models import JobStatus
 from db.session import session_scope
 from tensorq.broker import Publisher
-from tensorq.events import CHANNEL, EventPublisher
+from tensorq.events import EventPublisher, channel
 from tensorq.settings import Settings
 from tensorq.sweeper import sweep_once
 from worker.runner import Runner, outcome_of_error
@@ -56,10 +56,11 @@ def read_final(pubsub: Any, timeout: float = 5) -> list[str]:
 
 
 @pytest.fixture
-def channel(redis_url: str) -> Iterator[Any]:
+def events(redis_url: str) -> Iterator[Any]:
+    """A live subscription to the deployment's job-events channel."""
     client = redis.Redis.from_url(redis_url)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(CHANNEL)
+    pubsub.subscribe(channel(redis_url))
     while pubsub.get_message(timeout=1) is None and not pubsub.subscribed:
         pass
     yield pubsub
@@ -68,7 +69,7 @@ def channel(redis_url: str) -> Iterator[Any]:
 
 
 def test_a_job_out_of_attempts_after_a_transient_error_is_announced_failed(
-    settings: Settings, channel: Any, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, events: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = new_job(settings, max_attempts=1)
 
@@ -78,14 +79,14 @@ def test_a_job_out_of_attempts_after_a_transient_error_is_announced_failed(
     monkeypatch.setattr(Runner, "execute", transient)
     runner = Runner(settings)
     assert runner.run("embed", str(job_id), worker_name="w@host") == JobStatus.FAILED
-    assert read_final(channel) == [str(job_id)]
+    assert read_final(events) == [str(job_id)]
     with session_scope(settings.sqlalchemy_url) as session:
         job = get_job(session, job_id)
     assert job is not None and job.status == JobStatus.FAILED and job.error_type == "OperationalError"
     assert "no attempts are left" in (job.error_message or "")
 
 
-def test_jobs_the_sweeper_fails_or_cancels_are_announced(settings: Settings, channel: Any) -> None:
+def test_jobs_the_sweeper_fails_or_cancels_are_announced(settings: Settings, events: Any) -> None:
     lost, cancelled, requeued = new_job(settings), new_job(settings), new_job(settings, max_attempts=2)
     with session_scope(settings.sqlalchemy_url) as session:
         for job_id in (lost, cancelled, requeued):
@@ -98,7 +99,7 @@ def test_jobs_the_sweeper_fails_or_cancels_are_announced(settings: Settings, cha
     finally:
         publisher.close()
     assert reaped == 3
-    assert sorted(read_final(channel)) == sorted([str(lost), str(cancelled)])
+    assert sorted(read_final(events)) == sorted([str(lost), str(cancelled)])
     with session_scope(settings.sqlalchemy_url) as session:
         states = {i: get_job(session, i).status for i in (lost, cancelled, requeued)}  # type: ignore[union-attr]
     assert states == {lost: JobStatus.FAILED, cancelled: JobStatus.CANCELLED, requeued: JobStatus.QUEUED}
@@ -129,3 +130,14 @@ def test_the_sweeper_publishes_every_due_job_in_one_pass(settings: Settings, rep
     finally:
         publisher.close()
         broker.close()
+
+
+def test_events_stay_within_their_redis_database(redis_url: str, events: Any) -> None:
+    """Pub/sub ignores the database number: deployments sharing a Redis server on different
+    databases must still not hear each other's jobs (their rows ride along)."""
+    base, _, db = redis_url.rpartition("/")
+    elsewhere = f"{base}/{(int(db or 0) + 1) % 16}"
+    theirs, ours = uuid.uuid4(), uuid.uuid4()
+    EventPublisher(elsewhere).changed([theirs], final=True, rows=[{"id": theirs, "result": {"secret": 1}}])
+    EventPublisher(redis_url).changed([ours], final=True)
+    assert read_final(events) == [str(ours)]
