@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+from sqlalchemy.engine import make_url
 
 from db.migrate import upgrade
 from db.session import session_scope
@@ -103,6 +104,11 @@ def create_first_key(settings: Settings) -> str | None:
         return key
 
 
+def without_password(url: str) -> str:
+    """A database URL fit for a console or a log: its password masked."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def run_embedded(settings: Settings, *, flower: bool = True) -> int:
     var_dir = Path("var")
     var_dir.mkdir(exist_ok=True)
@@ -117,7 +123,7 @@ def run_embedded(settings: Settings, *, flower: bool = True) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        print(f"tensorq: migrating {settings.database_url}", flush=True)
+        print(f"tensorq: migrating {without_password(settings.database_url)}", flush=True)
         upgrade(settings.sqlalchemy_url)
         first_key = create_first_key(settings)
         redis_url = settings.redis_url

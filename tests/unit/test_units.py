@@ -171,3 +171,11 @@ def test_only_final_job_events_mark_messages_as_done() -> None:
     finished._on_event(b"not json")
     assert finished.hold_all([a]) and finished.hold_all([b, a])
     assert not finished.hold_all([a, c]) and not finished.hold_all([c]) and not finished.hold_all([])
+
+
+def test_tensorq_up_shows_the_database_url_without_its_password() -> None:
+    from tensorq.embedded import without_password
+
+    shown = without_password("postgresql+psycopg://tq:s3cr3t@db.internal:5432/tensorq")
+    assert "s3cr3t" not in shown and shown.startswith("postgresql+psycopg://tq:***@db.internal:5432/")
+    assert without_password("sqlite:///var/tensorq.db") == "sqlite:///var/tensorq.db"
