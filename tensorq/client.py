@@ -13,6 +13,7 @@ API's `detail`; a failure to reach the API becomes its subclass `TensorqConnecti
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
 import os
 import time
@@ -77,6 +78,17 @@ class WaitTimeout(TensorqError):
     def __init__(self, job: Job, timeout: float) -> None:
         self.job = job
         super().__init__(None, f"job {job['id']} still {job['status']} after {timeout:g} s")
+
+
+def page_cap(exc: TensorqError) -> int | None:
+    """The API's largest page, when `exc` is its refusal of a list's `limit` (the 422 names it)."""
+    if exc.status_code != 422 or not isinstance(exc.detail, builtins.list):
+        return None
+    for d in exc.detail:
+        if isinstance(d, dict) and builtins.list(d.get("loc", ())) == ["query", "limit"]:
+            with contextlib.suppress(TypeError, ValueError, KeyError):
+                return int(d["ctx"]["le"])
+    return None
 
 
 def format_detail(detail: Any) -> str:
@@ -344,10 +356,17 @@ class Client:
     def iter_jobs(
         self, status: str | None = None, kind: str | None = None, page_size: int = 50
     ) -> Iterator[Job]:
-        """Every matching job, newest first, following `next_cursor` page by page."""
+        """Every matching job, newest first, following `next_cursor` page by page (in pages no
+        larger than the API allows, `TENSORQ_LIST_PAGE_MAX` there)."""
         cursor: str | None = None
         while True:
-            page = self.list(status=status, kind=kind, limit=page_size, cursor=cursor)
+            try:
+                page = self.list(status=status, kind=kind, limit=page_size, cursor=cursor)
+            except TensorqError as exc:
+                if (cap := page_cap(exc)) is None or cap >= page_size:
+                    raise
+                page_size = cap
+                continue
             yield from page["items"]
             cursor = page["next_cursor"]
             if cursor is None:
@@ -463,7 +482,13 @@ class AsyncClient:
     ) -> AsyncIterator[Job]:
         cursor: str | None = None
         while True:
-            page = await self.list(status=status, kind=kind, limit=page_size, cursor=cursor)
+            try:
+                page = await self.list(status=status, kind=kind, limit=page_size, cursor=cursor)
+            except TensorqError as exc:
+                if (cap := page_cap(exc)) is None or cap >= page_size:
+                    raise
+                page_size = cap
+                continue
             for job in page["items"]:
                 yield job
             cursor = page["next_cursor"]

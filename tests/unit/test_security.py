@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -215,6 +216,21 @@ def test_the_list_page_size_is_a_setting(sqlite_url: str) -> None:
         # Without a limit, the default page (50) is cut to the setting rather than refused.
         page = api.get("/v1/jobs", headers=bearer(key)).json()
         assert len(page["items"]) == 3 and page["next_cursor"]
+
+
+def test_the_client_lists_every_job_where_pages_are_smaller_than_it_asks(sqlite_url: str) -> None:
+    from tensorq.client import Client
+
+    key = create_api_key(sqlite_url, "acme")
+    with make_api(sqlite_url, list_page_max=3) as api:
+        ids = api.post("/v1/jobs:batch", headers=bearer(key), json={"jobs": [EMBED] * 7}).json()["ids"]
+
+        def through_api(request: httpx.Request) -> httpx.Response:
+            r = api.request(request.method, request.url.raw_path.decode(), headers=request.headers)
+            return httpx.Response(r.status_code, json=r.json())
+
+        with Client("http://testserver", api_key=key, transport=httpx.MockTransport(through_api)) as tq:
+            assert [job["id"] for job in tq.iter_jobs(page_size=50)] == ids[::-1]
 
 
 def test_the_active_job_quota_is_per_tenant(sqlite_url: str) -> None:
