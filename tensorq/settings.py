@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     worker_pool: str = "prefork"
     # Prometheus endpoint of each worker process: this port on CPU, port + 1 + i on GPU i; 0 = off.
     worker_metrics_port: int = Field(default=9101, ge=0, le=65535)
+    # Where those endpoints listen: 0.0.0.0 in a container, for a scraper outside it.
+    worker_metrics_host: str = "127.0.0.1"
     torch_threads: int | None = None
     # How long libgomp's idle threads (PyTorch's CPU threads) spin before sleeping, as GOMP_SPINCOUNT.
     # libgomp's own default (300000) spins ~1 ms after every forward pass, on cores the API and

@@ -92,7 +92,12 @@ def _prepare_process(**_: Any) -> None:
         port = settings.worker_metrics_port
         if runner.device.startswith("cuda:"):
             port += 1 + int(runner.device.split(":")[1])
-        metrics.serve(port, cache=lambda: runner.models, device=torch_device(runner.device))
+        metrics.serve(
+            settings.worker_metrics_host,
+            port,
+            cache=lambda: runner.models,
+            device=torch_device(runner.device),
+        )
     for kind in all_kinds().values():
         if kind.warmup is not None:
             kind.warmup(runner.context(None))

@@ -60,11 +60,11 @@ class DeviceCollector(Collector):
         yield g
 
 
-def serve(port: int, cache: Callable[[], ModelCache], device: str) -> None:
+def serve(host: str, port: int, cache: Callable[[], ModelCache], device: str) -> None:
     registry.register(CacheCollector(cache))
     registry.register(DeviceCollector(device))
     try:
-        start_http_server(port, addr="127.0.0.1", registry=registry)
-        log.info("worker metrics on http://127.0.0.1:%d/metrics", port)
+        start_http_server(port, addr=host, registry=registry)
+        log.info("worker metrics on http://%s:%d/metrics", host, port)
     except OSError as exc:  # a replaced pool child may find the old one's port still bound
         log.warning("worker metrics not served on port %d: %s", port, exc)

@@ -76,3 +76,13 @@ def test_dockerfile_installs_pinned_torch_then_the_project() -> None:
     assert any("pip install ." in r for r in runs[1:])
     for pkg in ("api", "worker", "tasks", "db", "migrations", "tensorq"):
         assert any(line.startswith(f"COPY {pkg} ") for line in lines), pkg
+
+
+def test_workers_keep_the_shared_environment_and_expose_their_metrics_to_the_network() -> None:
+    services = compose()["services"]
+    for name in ("worker", "worker-cpu"):
+        env = services[name]["environment"]
+        assert env["TENSORQ_DATABASE_URL"] == services["api"]["environment"]["TENSORQ_DATABASE_URL"], name
+        assert env["TENSORQ_REDIS_URL"] == services["api"]["environment"]["TENSORQ_REDIS_URL"], name
+        # Inside a container, 127.0.0.1 is unreachable for a Prometheus in another one.
+        assert env["TENSORQ_WORKER_METRICS_HOST"] == "0.0.0.0", name
