@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from typing import Annotated
 
@@ -104,24 +102,16 @@ def worker(
 
 
 def _supervise_gpu_workers(indices: list[str], queues: str | None, concurrency: int, pool: str | None) -> int:
-    """One child `tensorq worker --gpus i` per GPU; a signal to us goes to all of them."""
+    """One child `tensorq worker --gpus i` per GPU, kept running (see tensorq/supervisor.py)."""
+    from tensorq.supervisor import Supervisor
+
     args = (
         ["--concurrency", str(concurrency)]
         + (["--queues", queues] if queues else [])
         + (["--pool", pool] if pool else [])
     )
-    children = [
-        subprocess.Popen([sys.executable, "-m", "tensorq.cli", "worker", "--gpus", i, *args]) for i in indices
-    ]
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [child.wait() for child in children]
-    return max(codes)
+    command = [sys.executable, "-m", "tensorq.cli", "worker"]
+    return Supervisor({i: [*command, "--gpus", i, *args] for i in indices}).run()
 
 
 @app.command()
