@@ -80,9 +80,29 @@ class ProgressWriter:
         if force or time.monotonic() - self._last_write >= self.interval:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
+        """Write the pending progress. A transient database error skips the write, keeping the
+        progress for the next one; the `final` write, with no next one, is retried instead."""
         if self._pending is None:
             return
+        if final:
+            with_retries(self._write, what=f"progress of job {self.job_id}")
+            return
+        try:
+            self._write()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # Progress is advisory: a database blip must not cost the job its attempt and the work
+            # since its last checkpoint (the lease has slack for it). The next try waits an interval.
+            log.warning(
+                "job %s: progress not written (transient %s: %s); kept for the next write",
+                self.job_id, type(exc).__name__, exc, extra={"job_id": str(self.job_id)},
+            )  # fmt: skip
+            self._last_write = time.monotonic()
+
+    def _write(self) -> None:
+        assert self._pending is not None
         with session_scope(self.database_url) as session:
             update_progress(session, self.job_id, self.claim_token, self._pending)
         if self.events is not None:
@@ -369,7 +389,7 @@ class Runner:
         try:
             with torch_threads(self.small_forward(kind, job.params)) as threads:
                 result = kind.run_json(job.params, ctx)
-            progress.flush()
+            progress.flush(final=True)
             outcome = Outcome(jid, token, JobStatus.SUCCEEDED, result=result)
         except Exception as exc:
             outcome = outcome_of_error(job, exc)
@@ -386,8 +406,18 @@ class Runner:
                 return True
             if time.monotonic() - last >= every:
                 last = time.monotonic()
-                with session_scope(self.database_url) as session:
-                    requested = is_cancel_requested(session, jid)
+                try:
+                    with session_scope(self.database_url) as session:
+                        requested = is_cancel_requested(session, jid)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    # As for progress: a blip must not end the run. Taken as not requested; the
+                    # next check asks again.
+                    log.warning(
+                        "job %s: cancel check skipped (transient %s: %s)", jid, type(exc).__name__, exc,
+                        extra={"job_id": str(jid)},
+                    )  # fmt: skip
             return requested
 
         return check
