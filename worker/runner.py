@@ -289,6 +289,7 @@ class Runner:
                 outcomes = self.execute_batch(kind, jobs)
             else:  # one job, or a named group with batching switched off here
                 outcomes = [self.execute(kind, job) for job in jobs]
+            outcomes = self.drop_lost(outcomes)
             tenants = {job.id: job.tenant for job in jobs}
             outcomes, written, rows = with_retries(
                 lambda: self.commit(kind, outcomes, tenants), what=f"finish job {jid}"
@@ -319,6 +320,23 @@ class Runner:
             return None
         log.debug("job %s: %s", job_id, own.status.value)
         return own.status
+
+    def drop_lost(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """The outcomes of jobs still held. A heartbeat that found a claim gone stopped its job at
+        the next cancel check; the job was reaped and may run elsewhere, so nothing is written for
+        it (the claim token would refuse it anyway). Asked before the final write: after it, a
+        finished job is no longer held either."""
+        kept = []
+        for o in outcomes:
+            if self.leases.lost(o.job_id):
+                log.warning(
+                    "job %s: lost its lease (no heartbeat landed within it); the job was reaped and "
+                    "may run elsewhere, so this run stopped and writes nothing", o.job_id,
+                    extra={"job_id": str(o.job_id)},
+                )  # fmt: skip
+            else:
+                kept.append(o)
+        return kept
 
     def cpu_threads(self, threads: int | None) -> int | None:
         return threads if torch_device(self.device) == "cpu" else None
@@ -382,6 +400,7 @@ class Runner:
             self.context(job.tenant),
             job_id=str(jid),
             work_dir=self.store.job_dir(jid),
+            attempt=job.attempts,
             report=progress,
             cancel_requested=self.cancel_check(jid),
         )

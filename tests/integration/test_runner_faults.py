@@ -1,10 +1,13 @@
-"""The worker's runner through database faults: a real job kind (a small training run) on SQLite,
-with Redis for its job events."""
+"""The worker's runner through database faults and lost leases: a real job kind (small training
+runs) on SQLite, with Redis for its job events."""
 
 from __future__ import annotations
 
+import logging
+import os
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +15,14 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 import worker.runner
-from db.jobs import create_job, get_job
-from db.models import JobStatus
+from db import registry
+from db.jobs import claim_job, create_job, get_job
+from db.models import JobStatus, utcnow
 from db.session import session_scope
+from tasks import classifier as clf
+from tensorq.artifacts import ArtifactStore
 from tensorq.settings import Settings
-from worker.runner import Runner
+from worker.runner import ProgressWriter, Runner
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +72,14 @@ def failing(real: Callable[..., Any], times: int | None = 1) -> Callable[..., An
     return call
 
 
+def lapse_lease(settings: Settings, job_id: uuid.UUID) -> None:
+    """What a holder's missed heartbeats leave behind: a lease in the past."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        job = get_job(session, job_id)
+        assert job is not None
+        job.lease_expires_at = utcnow() - timedelta(seconds=1)
+
+
 @pytest.mark.parametrize("db_call", ["update_progress", "is_cancel_requested"])
 def test_a_database_blip_in_a_progress_write_or_cancel_check_costs_the_job_nothing(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, db_call: str
@@ -81,3 +95,74 @@ def test_a_database_blip_in_a_progress_write_or_cancel_check_costs_the_job_nothi
     assert (job.status, job.attempts, job.error_type) == (JobStatus.SUCCEEDED, 1, None)
     assert job.result["resumed_from_step"] is None
     assert job.progress["step"] == job.result["steps"] == 6
+
+
+def test_a_worker_that_lost_its_lease_stops_and_writes_nothing(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's heartbeats missed the lease while it trained; another worker claimed the job.
+    At its next heartbeat the first worker must stop, before it trains on, saves or writes."""
+    job_id = training_job(settings, epochs=3)
+    stale = Runner(settings)
+    taken: list[uuid.UUID] = []
+    report = ProgressWriter.__call__
+
+    def take_over(writer: ProgressWriter, progress: dict[str, Any], force: bool = False) -> None:
+        if progress["step"] == 1 and not taken:
+            lapse_lease(settings, job_id)
+            with session_scope(settings.sqlalchemy_url) as session:
+                job = claim_job(session, job_id, worker="other@host", device="cpu", lease_seconds=600)
+                assert job is not None and job.claim_token is not None
+                taken.append(job.claim_token)
+            stale.leases.beat()
+        report(writer, progress, force)
+
+    monkeypatch.setattr(ProgressWriter, "__call__", take_over)
+    caplog.set_level(logging.INFO, logger="worker")
+    assert stale.run(TRAIN, str(job_id), worker_name="w@host") is None
+    assert taken, "the lease was never taken over; nothing was tested"
+    assert f"job {job_id}: lost its lease" in caplog.text
+    job = read_job(settings, job_id)
+    assert (job.status, job.claim_token, job.worker, job.attempts) == (
+        JobStatus.RUNNING, taken[0], "other@host", 2,
+    )  # fmt: skip
+    work_dir = ArtifactStore(settings.artifact_dir).job_dir(job_id)
+    saved = list(work_dir.iterdir()) if work_dir.exists() else []
+    assert [p.name for p in saved if p.name.startswith("model")] == []
+    with session_scope(settings.sqlalchemy_url) as session:
+        assert registry.list_models(session, "t") == []
+
+
+def test_a_stale_attempt_cannot_replace_the_files_of_a_registered_version(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worst case: the stale worker saves its model after its last cancel check, just after the
+    job's next attempt has finished and registered its own. The version's files must stay as they
+    were registered."""
+    job_id = training_job(settings, epochs=1)
+    save = clf.save_classifier
+    winner: list[Any] = []
+
+    def save_late(classifier: Any, path: Path) -> Path:
+        if not winner:  # the stale attempt, about to save: the job's next attempt runs first
+            winner.append(None)
+            lapse_lease(settings, job_id)
+            assert Runner(settings).run(TRAIN, str(job_id), worker_name="other@host") == JobStatus.SUCCEEDED
+            job = read_job(settings, job_id)
+            files = settings.artifact_dir / job.result["artifact"]
+            winner[0] = (job.result, {f.name: os.stat(f) for f in files.iterdir()})
+        return save(classifier, path)
+
+    monkeypatch.setattr(clf, "save_classifier", save_late)
+    assert Runner(settings).run(TRAIN, str(job_id), worker_name="w@host") is None
+    result, stats = winner[0]
+    job = read_job(settings, job_id)
+    assert (job.status, job.attempts, job.result) == (JobStatus.SUCCEEDED, 2, result)
+    files = settings.artifact_dir / result["artifact"]
+    after = {f.name: os.stat(f) for f in files.iterdir()}
+    assert {n: (s.st_ino, s.st_mtime_ns) for n, s in after.items()} == {
+        n: (s.st_ino, s.st_mtime_ns) for n, s in stats.items()
+    }
+    with session_scope(settings.sqlalchemy_url) as session:
+        [model] = registry.list_models(session, "t")
+        assert [v.artifact_path for v in registry.versions_of(session, model)] == [result["artifact"]]
