@@ -279,12 +279,12 @@ class Runner:
             log.info("job %s: not claimable (finished, cancelled, or held by a live worker)", named[0])
             if not jobs:
                 return None
-        metrics.in_flight.inc(len(jobs))
-        for job in jobs:
-            assert job.claim_token is not None
-            self.leases.hold(job.id, job.claim_token)
-        self.events.changed((job.id for job in jobs), running=True)
+        self.hold(jobs)
         try:
+            more = self.top_up(kind, jobs, worker_name)
+            self.hold(more)
+            jobs += more
+            self.events.changed((job.id for job in jobs), running=True)
             if len(jobs) > 1 and self.batches(kind):
                 outcomes = self.execute_batch(kind, jobs)
             else:  # one job, or a named group with batching switched off here
@@ -320,6 +320,12 @@ class Runner:
             return None
         log.debug("job %s: %s", job_id, own.status.value)
         return own.status
+
+    def hold(self, jobs: list[Job]) -> None:
+        metrics.in_flight.inc(len(jobs))
+        for job in jobs:
+            assert job.claim_token is not None
+            self.leases.hold(job.id, job.claim_token)
 
     def drop_lost(self, outcomes: list[Outcome]) -> list[Outcome]:
         """The outcomes of jobs still held. A heartbeat that found a claim gone stopped its job at
@@ -360,37 +366,55 @@ class Runner:
         s = self.settings
         return s.batching and kind.run_batch is not None and s.batch_max_texts > 1
 
+    def claim_args(self, kind: JobKind[Any, Any], worker_name: str) -> dict[str, Any]:
+        return {
+            "worker": worker_name,
+            "device": self.device,
+            "lease_seconds": self.settings.lease_seconds,
+            "same_tenant": kind.reads_tenant_data,
+        }
+
     def claim(self, kind: JobKind[Any, Any], named: list[uuid.UUID], worker_name: str) -> list[Job]:
         s = self.settings
         jid = named[0]
-        batching = self.batches(kind)
-        common: dict[str, Any] = {
-            "worker": worker_name,
-            "device": self.device,
-            "lease_seconds": s.lease_seconds,
-            "same_tenant": kind.reads_tenant_data,
-        }
 
         def claim() -> list[Job]:
             with session_scope(self.database_url) as session:
                 return claim_jobs(
-                    session, jid, **common, also_named=named[1:], kind=kind.name, same_as_job=True,
-                    fill_to_cost=s.batch_max_texts if batching else 0,
+                    session, jid, **self.claim_args(kind, worker_name), also_named=named[1:], kind=kind.name,
+                    same_as_job=True, fill_to_cost=s.batch_max_texts if self.batches(kind) else 0,
                 )  # fmt: skip
 
-        jobs = with_retries(claim, what=f"claim job {jid}")
-        if not batching or not jobs or len(jobs) == 1 or s.batch_max_wait_ms <= 0:
-            return jobs
+        return with_retries(claim, what=f"claim job {jid}")
+
+    def top_up(self, kind: JobKind[Any, Any], jobs: list[Job], worker_name: str) -> list[Job]:
+        """More jobs for a batch that is not full while the queue is flowing, after one short wait.
+
+        An optimisation: when the claim fails even after its retries, the batch goes ahead with the
+        jobs it has, which are held already and must not wait out their leases for it."""
+        s = self.settings
         texts = sum(j.batch_cost for j in jobs)
-        if texts < s.batch_max_texts:
-            # The queue is flowing: give the batch one short wait to fill.
-            time.sleep(s.batch_max_wait_ms / 1000)
+        if not self.batches(kind) or len(jobs) == 1 or s.batch_max_wait_ms <= 0 or texts >= s.batch_max_texts:
+            return []
+        first = jobs[0]
+        # The queue is flowing: give the batch one short wait to fill.
+        time.sleep(s.batch_max_wait_ms / 1000)
+
+        def claim() -> list[Job]:
             with session_scope(self.database_url) as session:
-                jobs += claim_jobs(
-                    session, None, **common, fill_to_cost=s.batch_max_texts - texts,
-                    kind=kind.name, model=jobs[0].model, queue=jobs[0].queue, tenant=jobs[0].tenant,
+                return claim_jobs(
+                    session, None, **self.claim_args(kind, worker_name), kind=kind.name, model=first.model,
+                    queue=first.queue, tenant=first.tenant, fill_to_cost=s.batch_max_texts - texts,
                 )  # fmt: skip
-        return jobs
+
+        try:
+            return with_retries(claim, what=f"top up the batch of job {first.id}")
+        except Exception as exc:
+            log.warning(
+                "job %s: batch top-up failed (%s: %s); going ahead with the %d jobs claimed", first.id,
+                type(exc).__name__, exc, len(jobs), exc_info=not is_transient(exc),
+            )  # fmt: skip
+            return []
 
     def execute(self, kind: JobKind[Any, Any], job: Job) -> Outcome:
         assert job.claim_token is not None

@@ -1,5 +1,5 @@
-"""The worker's runner through database faults and lost leases: a real job kind (small training
-runs) on SQLite, with Redis for its job events."""
+"""The worker's runner through database faults and lost leases: real job kinds (a small training
+run, embeddings) on SQLite, with Redis for its job events."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
+import worker.retry
 import worker.runner
 from db import registry
 from db.jobs import claim_job, create_job, get_job
@@ -166,3 +167,30 @@ def test_a_stale_attempt_cannot_replace_the_files_of_a_registered_version(
     with session_scope(settings.sqlalchemy_url) as session:
         [model] = registry.list_models(session, "t")
         assert [v.artifact_path for v in registry.versions_of(session, model)] == [result["artifact"]]
+
+
+@pytest.mark.parametrize("failures", [1, None], ids=["once", "always"])
+def test_a_dropped_connection_in_the_batch_top_up_still_runs_the_jobs_claimed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, failures: int | None
+) -> None:
+    """The first claim took three embed jobs; the top-up claim after the short wait loses its
+    connection (once, or on every retry): the three jobs run and succeed all the same."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        ids = [
+            create_job(session, tenant="t", kind="embed", params={"texts": [f"text {i}"]}, queue="inference",
+                       max_attempts=3, model="all-MiniLM-L6-v2").id
+            for i in range(3)
+        ]  # fmt: skip
+    claim = worker.runner.claim_jobs
+    top_up = failing(claim, failures)
+
+    def claim_jobs(session: Any, job_id: uuid.UUID | None, **kwargs: Any) -> Any:
+        return claim(session, job_id, **kwargs) if job_id is not None else top_up(session, job_id, **kwargs)
+
+    monkeypatch.setattr(worker.runner, "claim_jobs", claim_jobs)
+    monkeypatch.setattr(worker.retry, "backoff_delay", lambda attempt: 0.0)
+    runner = Runner(settings)
+    assert runner.run("embed", str(ids[0]), worker_name="w@host") == JobStatus.SUCCEEDED
+    assert top_up.calls > 1  # type: ignore[attr-defined]  # failed, and was tried again
+    jobs = [read_job(settings, i) for i in ids]
+    assert [(j.status, j.attempts) for j in jobs] == [(JobStatus.SUCCEEDED, 1)] * 3
