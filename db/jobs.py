@@ -296,10 +296,12 @@ def _claim_statement(
 
 def extend_leases(
     session: Session, claims: Sequence[tuple[uuid.UUID, uuid.UUID]], *, lease_seconds: float
-) -> set[uuid.UUID]:
-    """Heartbeat for jobs still held; returns the ids whose cancellation was requested."""
+) -> dict[uuid.UUID, bool]:
+    """Heartbeat for jobs still held: the ids of the claims that still hold (the job is running
+    under that token), each with whether its cancellation was requested. A claim left out was lost:
+    its lease ran out and the job was reaped, and may have been claimed again."""
     if not claims:
-        return set()
+        return {}
     now = utcnow()
     held = or_(*(and_(Job.id == job_id, Job.claim_token == token) for job_id, token in claims))
     rows = session.execute(
@@ -309,7 +311,7 @@ def extend_leases(
         .returning(Job.id, Job.cancel_requested)
         .execution_options(synchronize_session=False)
     )
-    return {job_id for job_id, cancel in rows if cancel}
+    return {job_id: bool(cancel) for job_id, cancel in rows}
 
 
 def update_progress(

@@ -60,6 +60,10 @@ class JobContext:
     job_id: str | None = None
     # Per-job directory that survives redelivery (checkpoints, outputs); None outside a worker.
     work_dir: Path | None = None
+    # This claim of the job (1, 2, ...: a new one per attempt); None outside a worker. A stale
+    # attempt (its lease lost, the job claimed again) may still be running: outputs that get
+    # registered go where only their own attempt writes.
+    attempt: int | None = None
     report: Callable[[dict[str, Any]], None] = lambda progress: None
     cancel_requested: Callable[[], bool] = lambda: False
     load_dataset: Callable[[str], list[dict[str, Any]]] = _no_datasets

@@ -388,7 +388,11 @@ class Trainer:
 
         self.model.train(False)
         work_dir = self.ctx.work_dir
-        out = work_dir / "model" if work_dir is not None else Path(tempfile.mkdtemp(prefix="tensorq-model-"))
+        if work_dir is None:
+            out = Path(tempfile.mkdtemp(prefix="tensorq-model-"))
+        else:
+            # Per attempt: a stale attempt saving late must not replace a registered version's files.
+            out = work_dir / ("model" if self.ctx.attempt is None else f"model-{self.ctx.attempt}")
         artifact_dir = clf.save_classifier(self.model, out)
         last = self.progress.last_epoch
         return TrainResult(

@@ -18,6 +18,7 @@ class LeaseKeeper:
         self.lease_seconds = lease_seconds
         self._held: dict[uuid.UUID, uuid.UUID] = {}
         self._cancel_requested: set[uuid.UUID] = set()
+        self._lost: set[uuid.UUID] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -34,9 +35,17 @@ class LeaseKeeper:
         with self._lock:
             self._held.pop(job_id, None)
             self._cancel_requested.discard(job_id)
+            self._lost.discard(job_id)
 
     def cancel_requested(self, job_id: uuid.UUID) -> bool:
-        return job_id in self._cancel_requested
+        """Whether the job should stop: its cancellation was requested, or its claim was lost."""
+        return job_id in self._cancel_requested or job_id in self._lost
+
+    def lost(self, job_id: uuid.UUID) -> bool:
+        """Whether a heartbeat found the job no longer held under this worker's claim: the lease ran
+        out (a pause, a database outage longer than the lease), the job was reaped and may be
+        running elsewhere already, so this copy must stop and write nothing."""
+        return job_id in self._lost
 
     def beat(self) -> None:
         with self._lock:
@@ -44,9 +53,15 @@ class LeaseKeeper:
         if not claims:
             return
         with session_scope(self.database_url) as session:
-            cancelled = extend_leases(session, claims, lease_seconds=self.lease_seconds)
+            held = extend_leases(session, claims, lease_seconds=self.lease_seconds)
         with self._lock:
-            self._cancel_requested |= cancelled & set(self._held)
+            for job_id, token in claims:
+                if self._held.get(job_id) != token:
+                    continue  # released since (finished), or held again under a new claim
+                if job_id not in held:
+                    self._lost.add(job_id)
+                elif held[job_id]:
+                    self._cancel_requested.add(job_id)
 
     def _loop(self) -> None:
         interval = max(self.lease_seconds / 3, 0.2)

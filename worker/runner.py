@@ -80,9 +80,29 @@ class ProgressWriter:
         if force or time.monotonic() - self._last_write >= self.interval:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
+        """Write the pending progress. A transient database error skips the write, keeping the
+        progress for the next one; the `final` write, with no next one, is retried instead."""
         if self._pending is None:
             return
+        if final:
+            with_retries(self._write, what=f"progress of job {self.job_id}")
+            return
+        try:
+            self._write()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # Progress is advisory: a database blip must not cost the job its attempt and the work
+            # since its last checkpoint (the lease has slack for it). The next try waits an interval.
+            log.warning(
+                "job %s: progress not written (transient %s: %s); kept for the next write",
+                self.job_id, type(exc).__name__, exc, extra={"job_id": str(self.job_id)},
+            )  # fmt: skip
+            self._last_write = time.monotonic()
+
+    def _write(self) -> None:
+        assert self._pending is not None
         with session_scope(self.database_url) as session:
             update_progress(session, self.job_id, self.claim_token, self._pending)
         if self.events is not None:
@@ -259,16 +279,17 @@ class Runner:
             log.info("job %s: not claimable (finished, cancelled, or held by a live worker)", named[0])
             if not jobs:
                 return None
-        metrics.in_flight.inc(len(jobs))
-        for job in jobs:
-            assert job.claim_token is not None
-            self.leases.hold(job.id, job.claim_token)
-        self.events.changed((job.id for job in jobs), running=True)
+        self.hold(jobs)
         try:
+            more = self.top_up(kind, jobs, worker_name)
+            self.hold(more)
+            jobs += more
+            self.events.changed((job.id for job in jobs), running=True)
             if len(jobs) > 1 and self.batches(kind):
                 outcomes = self.execute_batch(kind, jobs)
             else:  # one job, or a named group with batching switched off here
                 outcomes = [self.execute(kind, job) for job in jobs]
+            outcomes = self.drop_lost(outcomes)
             tenants = {job.id: job.tenant for job in jobs}
             outcomes, written, rows = with_retries(
                 lambda: self.commit(kind, outcomes, tenants), what=f"finish job {jid}"
@@ -300,6 +321,29 @@ class Runner:
         log.debug("job %s: %s", job_id, own.status.value)
         return own.status
 
+    def hold(self, jobs: list[Job]) -> None:
+        metrics.in_flight.inc(len(jobs))
+        for job in jobs:
+            assert job.claim_token is not None
+            self.leases.hold(job.id, job.claim_token)
+
+    def drop_lost(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """The outcomes of jobs still held. A heartbeat that found a claim gone stopped its job at
+        the next cancel check; the job was reaped and may run elsewhere, so nothing is written for
+        it (the claim token would refuse it anyway). Asked before the final write: after it, a
+        finished job is no longer held either."""
+        kept = []
+        for o in outcomes:
+            if self.leases.lost(o.job_id):
+                log.warning(
+                    "job %s: lost its lease (no heartbeat landed within it); the job was reaped and "
+                    "may run elsewhere, so this run stopped and writes nothing", o.job_id,
+                    extra={"job_id": str(o.job_id)},
+                )  # fmt: skip
+            else:
+                kept.append(o)
+        return kept
+
     def cpu_threads(self, threads: int | None) -> int | None:
         return threads if torch_device(self.device) == "cpu" else None
 
@@ -322,37 +366,55 @@ class Runner:
         s = self.settings
         return s.batching and kind.run_batch is not None and s.batch_max_texts > 1
 
+    def claim_args(self, kind: JobKind[Any, Any], worker_name: str) -> dict[str, Any]:
+        return {
+            "worker": worker_name,
+            "device": self.device,
+            "lease_seconds": self.settings.lease_seconds,
+            "same_tenant": kind.reads_tenant_data,
+        }
+
     def claim(self, kind: JobKind[Any, Any], named: list[uuid.UUID], worker_name: str) -> list[Job]:
         s = self.settings
         jid = named[0]
-        batching = self.batches(kind)
-        common: dict[str, Any] = {
-            "worker": worker_name,
-            "device": self.device,
-            "lease_seconds": s.lease_seconds,
-            "same_tenant": kind.reads_tenant_data,
-        }
 
         def claim() -> list[Job]:
             with session_scope(self.database_url) as session:
                 return claim_jobs(
-                    session, jid, **common, also_named=named[1:], kind=kind.name, same_as_job=True,
-                    fill_to_cost=s.batch_max_texts if batching else 0,
+                    session, jid, **self.claim_args(kind, worker_name), also_named=named[1:], kind=kind.name,
+                    same_as_job=True, fill_to_cost=s.batch_max_texts if self.batches(kind) else 0,
                 )  # fmt: skip
 
-        jobs = with_retries(claim, what=f"claim job {jid}")
-        if not batching or not jobs or len(jobs) == 1 or s.batch_max_wait_ms <= 0:
-            return jobs
+        return with_retries(claim, what=f"claim job {jid}")
+
+    def top_up(self, kind: JobKind[Any, Any], jobs: list[Job], worker_name: str) -> list[Job]:
+        """More jobs for a batch that is not full while the queue is flowing, after one short wait.
+
+        An optimisation: when the claim fails even after its retries, the batch goes ahead with the
+        jobs it has, which are held already and must not wait out their leases for it."""
+        s = self.settings
         texts = sum(j.batch_cost for j in jobs)
-        if texts < s.batch_max_texts:
-            # The queue is flowing: give the batch one short wait to fill.
-            time.sleep(s.batch_max_wait_ms / 1000)
+        if not self.batches(kind) or len(jobs) == 1 or s.batch_max_wait_ms <= 0 or texts >= s.batch_max_texts:
+            return []
+        first = jobs[0]
+        # The queue is flowing: give the batch one short wait to fill.
+        time.sleep(s.batch_max_wait_ms / 1000)
+
+        def claim() -> list[Job]:
             with session_scope(self.database_url) as session:
-                jobs += claim_jobs(
-                    session, None, **common, fill_to_cost=s.batch_max_texts - texts,
-                    kind=kind.name, model=jobs[0].model, queue=jobs[0].queue, tenant=jobs[0].tenant,
+                return claim_jobs(
+                    session, None, **self.claim_args(kind, worker_name), kind=kind.name, model=first.model,
+                    queue=first.queue, tenant=first.tenant, fill_to_cost=s.batch_max_texts - texts,
                 )  # fmt: skip
-        return jobs
+
+        try:
+            return with_retries(claim, what=f"top up the batch of job {first.id}")
+        except Exception as exc:
+            log.warning(
+                "job %s: batch top-up failed (%s: %s); going ahead with the %d jobs claimed", first.id,
+                type(exc).__name__, exc, len(jobs), exc_info=not is_transient(exc),
+            )  # fmt: skip
+            return []
 
     def execute(self, kind: JobKind[Any, Any], job: Job) -> Outcome:
         assert job.claim_token is not None
@@ -362,6 +424,7 @@ class Runner:
             self.context(job.tenant),
             job_id=str(jid),
             work_dir=self.store.job_dir(jid),
+            attempt=job.attempts,
             report=progress,
             cancel_requested=self.cancel_check(jid),
         )
@@ -369,7 +432,7 @@ class Runner:
         try:
             with torch_threads(self.small_forward(kind, job.params)) as threads:
                 result = kind.run_json(job.params, ctx)
-            progress.flush()
+            progress.flush(final=True)
             outcome = Outcome(jid, token, JobStatus.SUCCEEDED, result=result)
         except Exception as exc:
             outcome = outcome_of_error(job, exc)
@@ -386,8 +449,18 @@ class Runner:
                 return True
             if time.monotonic() - last >= every:
                 last = time.monotonic()
-                with session_scope(self.database_url) as session:
-                    requested = is_cancel_requested(session, jid)
+                try:
+                    with session_scope(self.database_url) as session:
+                        requested = is_cancel_requested(session, jid)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    # As for progress: a blip must not end the run. Taken as not requested; the
+                    # next check asks again.
+                    log.warning(
+                        "job %s: cancel check skipped (transient %s: %s)", jid, type(exc).__name__, exc,
+                        extra={"job_id": str(jid)},
+                    )  # fmt: skip
             return requested
 
         return check

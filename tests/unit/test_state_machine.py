@@ -26,6 +26,7 @@ from db.jobs import (
 )
 from db.models import JobStatus
 from db.session import get_sessionmaker
+from worker.leases import LeaseKeeper
 
 
 @pytest.fixture
@@ -108,13 +109,37 @@ def test_heartbeat_extends_lease_and_reports_cancel(session: Session) -> None:
     job_id = new_job(session)
     token = claim(session, job_id, lease=0.2)
     assert token is not None
-    assert extend_leases(session, [(job_id, token)], lease_seconds=60) == set()
+    assert extend_leases(session, [(job_id, token)], lease_seconds=60) == {job_id: False}
     session.commit()
     time.sleep(0.3)
     assert claim(session, job_id) is None  # lease was extended
     cancel_job(session, job_id, "t")
     session.commit()
-    assert extend_leases(session, [(job_id, token)], lease_seconds=60) == {job_id}
+    assert extend_leases(session, [(job_id, token)], lease_seconds=60) == {job_id: True}
+
+
+def test_a_heartbeat_tells_a_holder_that_lost_its_claim_to_stop(sqlite_url: str) -> None:
+    """The holder's heartbeats missed the lease (a pause, a database outage): the job was reaped
+    and claimed again. Its next heartbeat must stop it, or two copies run side by side."""
+    session = get_sessionmaker(sqlite_url)()
+    job_id, other = new_job(session), new_job(session)
+    stale = claim(session, job_id, lease=0.05)
+    kept = claim(session, other)
+    assert stale is not None and kept is not None
+    keeper = LeaseKeeper(sqlite_url, lease_seconds=600)  # its own thread beats in 200 s: this test beats
+    keeper.hold(job_id, stale)
+    keeper.hold(other, kept)
+    time.sleep(0.1)
+    assert reap_expired_leases(session).requeued == [job_id]
+    session.commit()
+    assert claim(session, job_id) not in (None, stale)  # another worker has it now
+    assert extend_leases(session, [(job_id, stale), (other, kept)], lease_seconds=60) == {other: False}
+    session.commit()
+    keeper.beat()
+    assert keeper.cancel_requested(job_id) and keeper.lost(job_id)
+    assert not keeper.cancel_requested(other) and not keeper.lost(other)
+    keeper.release(job_id)
+    assert not keeper.cancel_requested(job_id)
 
 
 def test_reaper_requeues_then_fails_after_max_attempts(session: Session) -> None:
