@@ -47,11 +47,31 @@ class UnsafeDestination(ValueError):
     pass
 
 
+# IPv6 addresses that reach an IPv4 host: Python calls the NAT64 and IPv4-compatible ones global
+# whatever IPv4 address they carry, so `[64:ff9b::a9fe:a9fe]` would reach 169.254.169.254.
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+# Local-use NAT64 (RFC 8215): where the IPv4 address sits is the translator's choice, so it cannot be read.
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in NAT64 or ip in IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.sixtofour
+
+
 def _allowed(ip: IPAddress, allowed: Sequence[IPNetwork]) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     if any(ip.version == net.version and ip in net for net in allowed):
         return True
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(ip)
+        if inner is not None:
+            return _allowed(inner, allowed)
+        if ip in NAT64_LOCAL:
+            return False
     return ip.is_global and not ip.is_multicast
 
 

@@ -7,6 +7,7 @@ import hmac
 import ipaddress
 import json
 import os
+import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -148,6 +149,8 @@ def test_admin_routes_need_an_admin_key_and_stay_in_the_tenant(api: TestClient, 
         "http://0.0.0.0/hook",
         "http://100.64.0.1/hook",
         "http://user:secret@example.com/hook",
+        "http://[64:ff9b::a9fe:a9fe]/hook",  # NAT64 of 169.254.169.254
+        "http://[2002:a00:1::1]/hook",  # 6to4 of 10.0.0.1
     ],
 )
 def test_private_destinations_are_refused_at_submission(api: TestClient, sqlite_url: str, url: str) -> None:
@@ -171,6 +174,42 @@ def test_url_checks_and_the_allowlist() -> None:
     assert sni == "localhost"
     with pytest.raises(UnsafeDestination):
         resolve_destination("http://localhost:8123/cb", [])
+
+
+@pytest.mark.parametrize(
+    ("address", "inner"),
+    [
+        ("64:ff9b::a9fe:a9fe", "169.254.169.254"),  # NAT64 (RFC 6052): the last 32 bits
+        ("64:ff9b::a00:1", "10.0.0.1"),
+        ("64:ff9b::7f00:1", "127.0.0.1"),
+        ("2002:a00:1::", "10.0.0.1"),  # 6to4 (RFC 3056): bits 16-48
+        ("2002:a9fe:a9fe:1::1", "169.254.169.254"),
+        ("::a00:1", "10.0.0.1"),  # IPv4-compatible (deprecated), routed to IPv4 by automatic tunnels
+        ("64:ff9b:1::a00:1", None),  # local-use NAT64 (RFC 8215): the translator decides the layout
+    ],
+)
+def test_ipv6_forms_that_carry_a_private_ipv4_address_are_refused(
+    address: str, inner: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert check_url(f"http://[{address}]/x", []) is not None
+    if inner is not None:  # the allowlist is read for the IPv4 address inside, as for ::ffff:a.b.c.d
+        assert check_url(f"http://[{address}]/x", [ipaddress.ip_network(f"{inner}/32")]) is None
+    # At delivery too: a DNS64 resolver answers names of private IPv4 hosts with such addresses.
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET6, 1, 6, "", (address, 80, 0, 0))]
+    )
+    with pytest.raises(UnsafeDestination, match="non-public address"):
+        resolve_destination("http://hooks.example.com/x", [])
+
+
+def test_ipv6_forms_that_carry_a_public_ipv4_address_are_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    for address in ("64:ff9b::808:808", "2002:808:808::1", "2606:4700::1111"):
+        assert check_url(f"http://[{address}]/x", []) is None
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET6, 1, 6, "", ("64:ff9b::808:808", 443, 0, 0))]
+    )
+    url, host, _ = resolve_destination("https://hooks.example.com/x", [])
+    assert url == "https://[64:ff9b::808:808]/x" and host == "hooks.example.com"
 
 
 def test_signatures_verify_only_the_signed_body_and_a_fresh_timestamp() -> None:
