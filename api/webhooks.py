@@ -91,6 +91,10 @@ def check_url(url: str, allowed: Sequence[IPNetwork]) -> str | None:
         if host == "localhost" or host.endswith(".localhost"):
             ip = ipaddress.ip_address("127.0.0.1")
         else:
+            try:
+                host.encode("idna")  # as the resolver will at delivery; URL parsers accept `a..b.com`
+            except UnicodeError:
+                return "has a host name that cannot be looked up (an empty or over-long label)"
             return None
     if not _allowed(ip, allowed):
         return f"points at a private, loopback or link-local address ({ip}); not allowed here"
@@ -227,7 +231,8 @@ class WebhookDispatcher:
                 error = f"HTTP {response.status_code} from {host_of(job.webhook_url)}"
         except UnsafeDestination as exc:
             error, permanent = str(exc), True
-        except (httpx.HTTPError, OSError) as exc:
+        # Network errors, and anything unforeseen: an attempt that is not recorded repeats forever.
+        except Exception as exc:
             error = f"{type(exc).__name__} posting to {host_of(job.webhook_url)}"
         retry_at = None
         if error is not None and not permanent and attempt < self.settings.webhook_max_attempts:

@@ -10,6 +10,7 @@ import os
 import socket
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -160,6 +161,20 @@ def test_private_destinations_are_refused_at_submission(api: TestClient, sqlite_
     assert r.json()["detail"][0]["loc"] == ["body", "webhook"]
     batch = api.post("/v1/jobs:batch", headers=bearer(key), json={"jobs": [EMBED, {**EMBED, "webhook": url}]})
     assert batch.status_code == 422 and batch.json()["detail"][0]["loc"] == ["body", "jobs", 1, "webhook"]
+    assert job_count(sqlite_url) == 0
+
+
+@pytest.mark.parametrize(
+    "url", ["https://a..b.com/hook", "https://.example.com/hook", f"https://{'x' * 64}.example.com/hook"]
+)
+def test_host_names_that_cannot_be_looked_up_are_refused_at_submission(
+    api: TestClient, sqlite_url: str, url: str
+) -> None:
+    """Valid URLs to the URL parser, but the resolver cannot encode them (an empty or over-long label)."""
+    key = create_api_key(sqlite_url, "acme")
+    r = api.post("/v1/jobs", headers=bearer(key), json={**EMBED, "webhook": url})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "webhook"] and "host name" in r.json()["detail"][0]["msg"]
     assert job_count(sqlite_url) == 0
 
 
@@ -378,3 +393,60 @@ def test_webhooks_are_delivered_on_the_embedded_sqlite_default(sqlite_url: str) 
     with session_scope(sqlite_url) as session:
         row = session.get(Job, job_id)
         assert row is not None and row.webhook_state == WebhookState.DELIVERED and row.webhook_attempts == 1
+
+
+def finished_job_with_webhook(url: str, hook: str, tenant: str = "acme") -> uuid.UUID:
+    with session_scope(url) as session:
+        ensure_tenant(session, tenant)
+        job = create_job(session, tenant=tenant, kind="embed", params={"texts": ["a"]}, queue="inference",
+                         max_attempts=3, webhook_url=hook)  # fmt: skip
+        job_id = job.id
+    with session_scope(url) as session:
+        claimed = claim_job(session, job_id, worker="w", device="cpu", lease_seconds=30)
+        assert claimed is not None and claimed.claim_token is not None
+        finish_jobs(session, [Outcome(job_id, claimed.claim_token, JobStatus.SUCCEEDED, result={"dim": 384})])
+    return job_id
+
+
+def dispatch_once(url: str) -> int:
+    dispatcher = WebhookDispatcher(Settings(database_url=url))
+    try:
+        return dispatcher.dispatch_due()
+    finally:
+        dispatcher.pool.shutdown()
+        dispatcher.http.close()
+
+
+def webhook_of(url: str, job_id: uuid.UUID) -> Job:
+    with session_scope(url) as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        return row
+
+
+def test_a_stored_url_whose_host_cannot_be_looked_up_fails_for_good(sqlite_url: str) -> None:
+    """Such URLs were accepted before the submission check refused them: the delivery must end."""
+    job_id = finished_job_with_webhook(sqlite_url, "https://a..b.com/hook")
+    assert dispatch_once(sqlite_url) == 1
+    row = webhook_of(sqlite_url, job_id)
+    assert row.webhook_state == WebhookState.FAILED and row.webhook_attempts == 1
+    assert row.webhook_error is not None and "host name" in row.webhook_error
+    assert dispatch_once(sqlite_url) == 0
+
+
+def test_an_unexpected_error_in_a_delivery_is_recorded_as_a_failed_attempt(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever a delivery raises, the attempt is counted and retried later, never left unrecorded."""
+
+    def broken_resolver(*args: object, **kwargs: object) -> list[Any]:
+        raise UnicodeError("label empty or too long")  # what a name the checks missed used to raise
+
+    monkeypatch.setattr(socket, "getaddrinfo", broken_resolver)
+    job_id = finished_job_with_webhook(sqlite_url, "https://hooks.example.com/hook?token=abc")
+    assert dispatch_once(sqlite_url) == 1
+    row = webhook_of(sqlite_url, job_id)
+    assert row.webhook_state == WebhookState.PENDING and row.webhook_attempts == 1
+    assert row.webhook_error == "UnicodeError posting to https://hooks.example.com"
+    assert row.webhook_next_at is not None
+    assert dispatch_once(sqlite_url) == 0  # the retry waits for its backoff
