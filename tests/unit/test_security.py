@@ -413,8 +413,7 @@ def dispatch_once(url: str) -> int:
     try:
         return dispatcher.dispatch_due()
     finally:
-        dispatcher.pool.shutdown()
-        dispatcher.http.close()
+        dispatcher.stop()  # waits for the deliveries it started
 
 
 def webhook_of(url: str, job_id: uuid.UUID) -> Job:
@@ -450,3 +449,152 @@ def test_an_unexpected_error_in_a_delivery_is_recorded_as_a_failed_attempt(
     assert row.webhook_error == "UnicodeError posting to https://hooks.example.com"
     assert row.webhook_next_at is not None
     assert dispatch_once(sqlite_url) == 0  # the retry waits for its backoff
+
+
+class SlowReceivers(BaseHTTPRequestHandler):
+    """Answers that take their time. /hold answers once /other has arrived; /trickle-status and
+    /trickle-body send a byte every 0.2 s until the client hangs up; /endless-<code> sends a 64 MiB
+    body as fast as it can. Each notes when its request arrived, when it ended, and whether the
+    client hung up before the answer was complete."""
+
+    protocol_version = "HTTP/1.1"
+    arrived: dict[str, threading.Event]
+    ended: dict[str, threading.Event]
+    cut: set[str]
+    release: threading.Event  # set when a test ends, so that no handler outlives it
+    held_until_other: list[bool]
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.arrived.setdefault(self.path, threading.Event()).set()
+        try:
+            if self.path == "/hold":
+                other = self.arrived.setdefault("/other", threading.Event())
+                self.held_until_other.append(other.wait(20))
+            if self.path.startswith("/trickle"):
+                self._trickle(status_line=self.path == "/trickle-status")
+            elif self.path.startswith("/endless-"):
+                self._endless(int(self.path.rpartition("-")[2]))
+            else:
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+        except (BrokenPipeError, ConnectionResetError):
+            self.cut.add(self.path)
+            self.close_connection = True
+        finally:
+            self.ended.setdefault(self.path, threading.Event()).set()
+
+    def _trickle(self, *, status_line: bool) -> None:
+        if status_line:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        else:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while not self.release.wait(0.2):
+            self.wfile.write(b"a" if status_line else b"1\r\na\r\n")
+            self.wfile.flush()
+        self.close_connection = True
+
+    def _endless(self, code: int) -> None:
+        self.send_response(code)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b"%x\r\n" % (64 << 10) + b"x" * (64 << 10) + b"\r\n"
+        for _ in range(1024):
+            self.wfile.write(chunk)
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def slow_receivers() -> Iterator[tuple[str, type[SlowReceivers]]]:
+    handler = type("Receivers", (SlowReceivers,), {"arrived": {}, "ended": {}, "cut": set(), "release": threading.Event(),
+                                                   "held_until_other": []})  # fmt: skip
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        handler.release.set()
+        server.shutdown()
+
+
+def wait_for(event: dict[str, threading.Event], path: str, what: str) -> None:
+    assert event.setdefault(path, threading.Event()).wait(30), what
+
+
+def stop_within(dispatcher: WebhookDispatcher, seconds: float) -> None:
+    stopper = threading.Thread(target=dispatcher.stop, daemon=True)
+    stopper.start()
+    stopper.join(seconds)
+    assert not stopper.is_alive(), f"stop() still waiting after {seconds} s"
+
+
+def test_a_slow_receiver_does_not_hold_up_other_tenants_webhooks(
+    sqlite_url: str, slow_receivers: tuple[str, type[SlowReceivers]]
+) -> None:
+    base, receivers = slow_receivers
+    dispatcher = WebhookDispatcher(
+        Settings(database_url=sqlite_url, webhook_allowed_networks=LOOPBACK, webhook_timeout_seconds=30)
+    )
+    dispatcher.start()
+    try:
+        held = finished_job_with_webhook(sqlite_url, f"{base}/hold", tenant="evil")
+        dispatcher.wake()
+        wait_for(receivers.arrived, "/hold", "the first webhook was sent")
+        other = finished_job_with_webhook(sqlite_url, f"{base}/other", tenant="globex")
+        dispatcher.wake()
+        wait_for(receivers.arrived, "/other", "the other tenant's webhook was sent")
+    finally:
+        stop_within(dispatcher, 60)
+    # The receiver holding its answer saw the other webhook arrive meanwhile, not after it answered.
+    assert receivers.held_until_other == [True]
+    for job_id in (held, other):
+        row = webhook_of(sqlite_url, job_id)
+        assert row.webhook_state == WebhookState.DELIVERED and row.webhook_attempts == 1
+
+
+@pytest.mark.parametrize("where", ["status", "body"])
+def test_a_trickling_receiver_is_cut_at_the_delivery_budget_and_stop_does_not_wait_longer(
+    sqlite_url: str, slow_receivers: tuple[str, type[SlowReceivers]], where: str
+) -> None:
+    """Each byte comes well within the timeout; the timeout bounds the whole delivery all the same."""
+    base, receivers = slow_receivers
+    dispatcher = WebhookDispatcher(
+        Settings(database_url=sqlite_url, webhook_allowed_networks=LOOPBACK, webhook_timeout_seconds=1)
+    )
+    job_id = finished_job_with_webhook(sqlite_url, f"{base}/trickle-{where}")
+    dispatcher.start()
+    wait_for(receivers.arrived, f"/trickle-{where}", "the webhook was sent")
+    stop_within(dispatcher, 30)  # the trickle goes on until the test ends: stop() must not wait for it
+    wait_for(receivers.ended, f"/trickle-{where}", "the answer ended")
+    assert receivers.cut == {f"/trickle-{where}"}
+    row = webhook_of(sqlite_url, job_id)
+    assert row.webhook_attempts == 1
+    if where == "status":
+        assert row.webhook_state == WebhookState.PENDING and row.webhook_next_at is not None
+        assert row.webhook_error == "ReadTimeout posting to http://127.0.0.1"
+    else:  # the status line is the receiver's answer; the rest of the body is not needed
+        assert row.webhook_state == WebhookState.DELIVERED and row.webhook_error is None
+
+
+@pytest.mark.parametrize("code", [200, 500])
+def test_an_endless_answer_is_not_read_to_its_end(
+    sqlite_url: str, slow_receivers: tuple[str, type[SlowReceivers]], code: int
+) -> None:
+    base, receivers = slow_receivers
+    job_id = finished_job_with_webhook(sqlite_url, f"{base}/endless-{code}")
+    dispatcher = WebhookDispatcher(Settings(database_url=sqlite_url, webhook_allowed_networks=LOOPBACK))
+    assert dispatcher.dispatch_due() == 1
+    stop_within(dispatcher, 30)
+    wait_for(receivers.ended, f"/endless-{code}", "the answer ended")
+    assert receivers.cut == {f"/endless-{code}"}, "the dispatcher read all 64 MiB"
+    row = webhook_of(sqlite_url, job_id)
+    assert row.webhook_attempts == 1
+    if code == 200:
+        assert row.webhook_state == WebhookState.DELIVERED and row.webhook_error is None
+    else:
+        assert row.webhook_state == WebhookState.PENDING
+        assert row.webhook_error == "HTTP 500 from http://127.0.0.1"
