@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     # Webhooks: destinations that resolve to private, loopback or link-local addresses are refused
     # unless inside one of these networks (CIDR, e.g. ["10.1.0.0/16"]).
     webhook_allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list)
+    # The whole of one delivery (connect, send, answer), not each read; at most half the 60 s lease.
     webhook_timeout_seconds: float = Field(default=5.0, gt=0)
     webhook_max_attempts: int = Field(default=8, ge=1)
     # Retry n waits about base * 2**(n-1) seconds (jittered), at most the cap.

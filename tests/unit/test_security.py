@@ -7,8 +7,10 @@ import hmac
 import ipaddress
 import json
 import os
+import socket
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -149,6 +151,8 @@ def test_admin_routes_need_an_admin_key_and_stay_in_the_tenant(api: TestClient, 
         "http://0.0.0.0/hook",
         "http://100.64.0.1/hook",
         "http://user:secret@example.com/hook",
+        "http://[64:ff9b::a9fe:a9fe]/hook",  # NAT64 of 169.254.169.254
+        "http://[2002:a00:1::1]/hook",  # 6to4 of 10.0.0.1
     ],
 )
 def test_private_destinations_are_refused_at_submission(api: TestClient, sqlite_url: str, url: str) -> None:
@@ -158,6 +162,20 @@ def test_private_destinations_are_refused_at_submission(api: TestClient, sqlite_
     assert r.json()["detail"][0]["loc"] == ["body", "webhook"]
     batch = api.post("/v1/jobs:batch", headers=bearer(key), json={"jobs": [EMBED, {**EMBED, "webhook": url}]})
     assert batch.status_code == 422 and batch.json()["detail"][0]["loc"] == ["body", "jobs", 1, "webhook"]
+    assert job_count(sqlite_url) == 0
+
+
+@pytest.mark.parametrize(
+    "url", ["https://a..b.com/hook", "https://.example.com/hook", f"https://{'x' * 64}.example.com/hook"]
+)
+def test_host_names_that_cannot_be_looked_up_are_refused_at_submission(
+    api: TestClient, sqlite_url: str, url: str
+) -> None:
+    """Valid URLs to the URL parser, but the resolver cannot encode them (an empty or over-long label)."""
+    key = create_api_key(sqlite_url, "acme")
+    r = api.post("/v1/jobs", headers=bearer(key), json={**EMBED, "webhook": url})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "webhook"] and "host name" in r.json()["detail"][0]["msg"]
     assert job_count(sqlite_url) == 0
 
 
@@ -172,6 +190,42 @@ def test_url_checks_and_the_allowlist() -> None:
     assert sni == "localhost"
     with pytest.raises(UnsafeDestination):
         resolve_destination("http://localhost:8123/cb", [])
+
+
+@pytest.mark.parametrize(
+    ("address", "inner"),
+    [
+        ("64:ff9b::a9fe:a9fe", "169.254.169.254"),  # NAT64 (RFC 6052): the last 32 bits
+        ("64:ff9b::a00:1", "10.0.0.1"),
+        ("64:ff9b::7f00:1", "127.0.0.1"),
+        ("2002:a00:1::", "10.0.0.1"),  # 6to4 (RFC 3056): bits 16-48
+        ("2002:a9fe:a9fe:1::1", "169.254.169.254"),
+        ("::a00:1", "10.0.0.1"),  # IPv4-compatible (deprecated), routed to IPv4 by automatic tunnels
+        ("64:ff9b:1::a00:1", None),  # local-use NAT64 (RFC 8215): the translator decides the layout
+    ],
+)
+def test_ipv6_forms_that_carry_a_private_ipv4_address_are_refused(
+    address: str, inner: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert check_url(f"http://[{address}]/x", []) is not None
+    if inner is not None:  # the allowlist is read for the IPv4 address inside, as for ::ffff:a.b.c.d
+        assert check_url(f"http://[{address}]/x", [ipaddress.ip_network(f"{inner}/32")]) is None
+    # At delivery too: a DNS64 resolver answers names of private IPv4 hosts with such addresses.
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET6, 1, 6, "", (address, 80, 0, 0))]
+    )
+    with pytest.raises(UnsafeDestination, match="non-public address"):
+        resolve_destination("http://hooks.example.com/x", [])
+
+
+def test_ipv6_forms_that_carry_a_public_ipv4_address_are_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    for address in ("64:ff9b::808:808", "2002:808:808::1", "2606:4700::1111"):
+        assert check_url(f"http://[{address}]/x", []) is None
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET6, 1, 6, "", ("64:ff9b::808:808", 443, 0, 0))]
+    )
+    url, host, _ = resolve_destination("https://hooks.example.com/x", [])
+    assert url == "https://[64:ff9b::808:808]/x" and host == "hooks.example.com"
 
 
 def test_signatures_verify_only_the_signed_body_and_a_fresh_timestamp() -> None:
@@ -355,3 +409,208 @@ def test_webhooks_are_delivered_on_the_embedded_sqlite_default(sqlite_url: str) 
     with session_scope(sqlite_url) as session:
         row = session.get(Job, job_id)
         assert row is not None and row.webhook_state == WebhookState.DELIVERED and row.webhook_attempts == 1
+
+
+def finished_job_with_webhook(url: str, hook: str, tenant: str = "acme") -> uuid.UUID:
+    with session_scope(url) as session:
+        ensure_tenant(session, tenant)
+        job = create_job(session, tenant=tenant, kind="embed", params={"texts": ["a"]}, queue="inference",
+                         max_attempts=3, webhook_url=hook)  # fmt: skip
+        job_id = job.id
+    with session_scope(url) as session:
+        claimed = claim_job(session, job_id, worker="w", device="cpu", lease_seconds=30)
+        assert claimed is not None and claimed.claim_token is not None
+        finish_jobs(session, [Outcome(job_id, claimed.claim_token, JobStatus.SUCCEEDED, result={"dim": 384})])
+    return job_id
+
+
+def dispatch_once(url: str) -> int:
+    dispatcher = WebhookDispatcher(Settings(database_url=url))
+    try:
+        return dispatcher.dispatch_due()
+    finally:
+        dispatcher.stop()  # waits for the deliveries it started
+
+
+def webhook_of(url: str, job_id: uuid.UUID) -> Job:
+    with session_scope(url) as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        return row
+
+
+def test_a_stored_url_whose_host_cannot_be_looked_up_fails_for_good(sqlite_url: str) -> None:
+    """Such URLs were accepted before the submission check refused them: the delivery must end."""
+    job_id = finished_job_with_webhook(sqlite_url, "https://a..b.com/hook")
+    assert dispatch_once(sqlite_url) == 1
+    row = webhook_of(sqlite_url, job_id)
+    assert row.webhook_state == WebhookState.FAILED and row.webhook_attempts == 1
+    assert row.webhook_error is not None and "host name" in row.webhook_error
+    assert dispatch_once(sqlite_url) == 0
+
+
+def test_an_unexpected_error_in_a_delivery_is_recorded_as_a_failed_attempt(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever a delivery raises, the attempt is counted and retried later, never left unrecorded."""
+
+    def broken_resolver(*args: object, **kwargs: object) -> list[Any]:
+        raise UnicodeError("label empty or too long")  # what a name the checks missed used to raise
+
+    monkeypatch.setattr(socket, "getaddrinfo", broken_resolver)
+    job_id = finished_job_with_webhook(sqlite_url, "https://hooks.example.com/hook?token=abc")
+    assert dispatch_once(sqlite_url) == 1
+    row = webhook_of(sqlite_url, job_id)
+    assert row.webhook_state == WebhookState.PENDING and row.webhook_attempts == 1
+    assert row.webhook_error == "UnicodeError posting to https://hooks.example.com"
+    assert row.webhook_next_at is not None
+    assert dispatch_once(sqlite_url) == 0  # the retry waits for its backoff
+
+
+class SlowReceivers(BaseHTTPRequestHandler):
+    """Answers that take their time. /hold answers once /other has arrived; /trickle-status and
+    /trickle-body send a byte every 0.2 s until the client hangs up; /endless-<code> sends a 64 MiB
+    body as fast as it can. Each notes when its request arrived, when it ended, and whether the
+    client hung up before the answer was complete."""
+
+    protocol_version = "HTTP/1.1"
+    arrived: dict[str, threading.Event]
+    ended: dict[str, threading.Event]
+    cut: set[str]
+    release: threading.Event  # set when a test ends, so that no handler outlives it
+    held_until_other: list[bool]
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.arrived.setdefault(self.path, threading.Event()).set()
+        try:
+            if self.path == "/hold":
+                other = self.arrived.setdefault("/other", threading.Event())
+                self.held_until_other.append(other.wait(20))
+            if self.path.startswith("/trickle"):
+                self._trickle(status_line=self.path == "/trickle-status")
+            elif self.path.startswith("/endless-"):
+                self._endless(int(self.path.rpartition("-")[2]))
+            else:
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+        except (BrokenPipeError, ConnectionResetError):
+            self.cut.add(self.path)
+            self.close_connection = True
+        finally:
+            self.ended.setdefault(self.path, threading.Event()).set()
+
+    def _trickle(self, *, status_line: bool) -> None:
+        if status_line:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        else:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while not self.release.wait(0.2):
+            self.wfile.write(b"a" if status_line else b"1\r\na\r\n")
+            self.wfile.flush()
+        self.close_connection = True
+
+    def _endless(self, code: int) -> None:
+        self.send_response(code)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b"%x\r\n" % (64 << 10) + b"x" * (64 << 10) + b"\r\n"
+        for _ in range(1024):
+            self.wfile.write(chunk)
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def slow_receivers() -> Iterator[tuple[str, type[SlowReceivers]]]:
+    handler = type("Receivers", (SlowReceivers,), {"arrived": {}, "ended": {}, "cut": set(), "release": threading.Event(),
+                                                   "held_until_other": []})  # fmt: skip
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        handler.release.set()
+        server.shutdown()
+
+
+def wait_for(event: dict[str, threading.Event], path: str, what: str) -> None:
+    assert event.setdefault(path, threading.Event()).wait(30), what
+
+
+def stop_within(dispatcher: WebhookDispatcher, seconds: float) -> None:
+    stopper = threading.Thread(target=dispatcher.stop, daemon=True)
+    stopper.start()
+    stopper.join(seconds)
+    assert not stopper.is_alive(), f"stop() still waiting after {seconds} s"
+
+
+def test_a_slow_receiver_does_not_hold_up_other_tenants_webhooks(
+    sqlite_url: str, slow_receivers: tuple[str, type[SlowReceivers]]
+) -> None:
+    base, receivers = slow_receivers
+    dispatcher = WebhookDispatcher(
+        Settings(database_url=sqlite_url, webhook_allowed_networks=LOOPBACK, webhook_timeout_seconds=30)
+    )
+    dispatcher.start()
+    try:
+        held = finished_job_with_webhook(sqlite_url, f"{base}/hold", tenant="evil")
+        dispatcher.wake()
+        wait_for(receivers.arrived, "/hold", "the first webhook was sent")
+        other = finished_job_with_webhook(sqlite_url, f"{base}/other", tenant="globex")
+        dispatcher.wake()
+        wait_for(receivers.arrived, "/other", "the other tenant's webhook was sent")
+    finally:
+        stop_within(dispatcher, 60)
+    # The receiver holding its answer saw the other webhook arrive meanwhile, not after it answered.
+    assert receivers.held_until_other == [True]
+    for job_id in (held, other):
+        row = webhook_of(sqlite_url, job_id)
+        assert row.webhook_state == WebhookState.DELIVERED and row.webhook_attempts == 1
+
+
+@pytest.mark.parametrize("where", ["status", "body"])
+def test_a_trickling_receiver_is_cut_at_the_delivery_budget_and_stop_does_not_wait_longer(
+    sqlite_url: str, slow_receivers: tuple[str, type[SlowReceivers]], where: str
+) -> None:
+    """Each byte comes well within the timeout; the timeout bounds the whole delivery all the same."""
+    base, receivers = slow_receivers
+    dispatcher = WebhookDispatcher(
+        Settings(database_url=sqlite_url, webhook_allowed_networks=LOOPBACK, webhook_timeout_seconds=1)
+    )
+    job_id = finished_job_with_webhook(sqlite_url, f"{base}/trickle-{where}")
+    dispatcher.start()
+    wait_for(receivers.arrived, f"/trickle-{where}", "the webhook was sent")
+    stop_within(dispatcher, 30)  # the trickle goes on until the test ends: stop() must not wait for it
+    wait_for(receivers.ended, f"/trickle-{where}", "the answer ended")
+    assert receivers.cut == {f"/trickle-{where}"}
+    row = webhook_of(sqlite_url, job_id)
+    assert row.webhook_attempts == 1
+    if where == "status":
+        assert row.webhook_state == WebhookState.PENDING and row.webhook_next_at is not None
+        assert row.webhook_error == "ReadTimeout posting to http://127.0.0.1"
+    else:  # the status line is the receiver's answer; the rest of the body is not needed
+        assert row.webhook_state == WebhookState.DELIVERED and row.webhook_error is None
+
+
+@pytest.mark.parametrize("code", [200, 500])
+def test_an_endless_answer_is_not_read_to_its_end(
+    sqlite_url: str, slow_receivers: tuple[str, type[SlowReceivers]], code: int
+) -> None:
+    base, receivers = slow_receivers
+    job_id = finished_job_with_webhook(sqlite_url, f"{base}/endless-{code}")
+    dispatcher = WebhookDispatcher(Settings(database_url=sqlite_url, webhook_allowed_networks=LOOPBACK))
+    assert dispatcher.dispatch_due() == 1
+    stop_within(dispatcher, 30)
+    wait_for(receivers.ended, f"/endless-{code}", "the answer ended")
+    assert receivers.cut == {f"/endless-{code}"}, "the dispatcher read all 64 MiB"
+    row = webhook_of(sqlite_url, job_id)
+    assert row.webhook_attempts == 1
+    if code == 200:
+        assert row.webhook_state == WebhookState.DELIVERED and row.webhook_error is None
+    else:
+        assert row.webhook_state == WebhookState.PENDING
+        assert row.webhook_error == "HTTP 500 from http://127.0.0.1"
