@@ -243,10 +243,13 @@ class WebhookDispatcher:
         self.allowed: list[IPNetwork] = list(settings.webhook_allowed_networks)
         # Well inside the lease, so a delivery is recorded before another replica may claim it again.
         self.budget = min(settings.webhook_timeout_seconds, self.LEASE_SECONDS / 2)
+        # No connection is kept for a later delivery: requests go to a checked IP address, so a pool
+        # would key a kept TLS connection by that address, and a delivery to another host name on the
+        # same address would ride a connection whose certificate was checked for the first one.
         self.http = httpcore.ConnectionPool(
             ssl_context=httpx.create_ssl_context(),
             max_connections=concurrency,
-            keepalive_expiry=5.0,
+            max_keepalive_connections=0,
             network_backend=_DeadlineBackend(),
         )
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="webhook")

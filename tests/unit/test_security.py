@@ -411,6 +411,40 @@ def test_webhooks_are_delivered_on_the_embedded_sqlite_default(sqlite_url: str) 
         assert row is not None and row.webhook_state == WebhookState.DELIVERED and row.webhook_attempts == 1
 
 
+def test_no_connection_is_reused_from_one_delivery_to_the_next(sqlite_url: str) -> None:
+    """Deliveries go to a checked address: a kept TLS connection would be found by that address
+    and could carry another host name's webhook over a certificate checked for the first."""
+    clients: list[tuple[str, int]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # would keep the connection open for the next request
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            clients.append(self.client_address)
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    dispatcher = WebhookDispatcher(Settings(database_url=sqlite_url, webhook_allowed_networks=LOOPBACK))
+    try:
+        for host in ("127.0.0.1", "localhost"):
+            finished_job_with_webhook(sqlite_url, f"http://{host}:{port}/hook")
+            assert dispatcher.dispatch_due() == 1
+            for future in list(dispatcher._in_flight):
+                future.result(timeout=30)
+    finally:
+        dispatcher.stop()
+        server.shutdown()
+    assert len(clients) == 2 and clients[0] != clients[1], clients
+
+
 def finished_job_with_webhook(url: str, hook: str, tenant: str = "acme") -> uuid.UUID:
     with session_scope(url) as session:
         ensure_tenant(session, tenant)
