@@ -3,10 +3,11 @@ backoff and jitter; everything else propagates at once."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import redis
@@ -44,3 +45,19 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 10) -> T:
             )
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def skip_if_transient(what: str, job_id: object) -> Iterator[None]:
+    """For advisory writes and reads inside a job (progress, cancel checks): a transient error is
+    logged and the step skipped, so a database blip does not cost the job its attempt and the work
+    since its last checkpoint; the lease has slack for it. Anything else propagates."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning(
+            "job %s: %s skipped (transient %s: %s)", job_id, what, type(exc).__name__, exc,
+            extra={"job_id": str(job_id)},
+        )  # fmt: skip

@@ -49,7 +49,7 @@ from tensorq.settings import Settings
 from worker import metrics
 from worker.leases import LeaseKeeper
 from worker.model_cache import ModelCache
-from worker.retry import backoff_delay, is_transient, with_retries
+from worker.retry import backoff_delay, is_transient, skip_if_transient, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +88,9 @@ class ProgressWriter:
         if final:
             with_retries(self._write, what=f"progress of job {self.job_id}")
             return
-        try:
+        with skip_if_transient("progress write (kept for the next one)", self.job_id):
             self._write()
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            # Progress is advisory: a database blip must not cost the job its attempt and the work
-            # since its last checkpoint (the lease has slack for it). The next try waits an interval.
-            log.warning(
-                "job %s: progress not written (transient %s: %s); kept for the next write",
-                self.job_id, type(exc).__name__, exc, extra={"job_id": str(self.job_id)},
-            )  # fmt: skip
-            self._last_write = time.monotonic()
+        self._last_write = time.monotonic()  # written or not, the next try waits an interval
 
     def _write(self) -> None:
         assert self._pending is not None
@@ -449,18 +440,9 @@ class Runner:
                 return True
             if time.monotonic() - last >= every:
                 last = time.monotonic()
-                try:
-                    with session_scope(self.database_url) as session:
-                        requested = is_cancel_requested(session, jid)
-                except Exception as exc:
-                    if not is_transient(exc):
-                        raise
-                    # As for progress: a blip must not end the run. Taken as not requested; the
-                    # next check asks again.
-                    log.warning(
-                        "job %s: cancel check skipped (transient %s: %s)", jid, type(exc).__name__, exc,
-                        extra={"job_id": str(jid)},
-                    )  # fmt: skip
+                # Skipped, it counts as not requested; the next check asks again.
+                with skip_if_transient("cancel check", jid), session_scope(self.database_url) as session:
+                    requested = is_cancel_requested(session, jid)
             return requested
 
         return check
