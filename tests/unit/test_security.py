@@ -370,6 +370,19 @@ def test_celery_speaks_json_only() -> None:
     assert config["task_serializer"] == config["result_serializer"] == "json"
 
 
+def finished_job_with_webhook(url: str, hook: str, tenant: str = "acme") -> uuid.UUID:
+    with session_scope(url) as session:
+        ensure_tenant(session, tenant)
+        job = create_job(session, tenant=tenant, kind="embed", params={"texts": ["a"]}, queue="inference",
+                         max_attempts=3, webhook_url=hook)  # fmt: skip
+        job_id = job.id
+    with session_scope(url) as session:
+        claimed = claim_job(session, job_id, worker="w", device="cpu", lease_seconds=30)
+        assert claimed is not None and claimed.claim_token is not None
+        finish_jobs(session, [Outcome(job_id, claimed.claim_token, JobStatus.SUCCEEDED, result={"dim": 384})])
+    return job_id
+
+
 def test_webhooks_are_delivered_on_the_embedded_sqlite_default(sqlite_url: str) -> None:
     """The dispatcher's claim and bookkeeping on SQLite: delivered once, then nothing is due."""
     received: list[tuple[dict[str, str], bytes]] = []
@@ -386,15 +399,9 @@ def test_webhooks_are_delivered_on_the_embedded_sqlite_default(sqlite_url: str) 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     hook = f"http://127.0.0.1:{server.server_address[1]}/done"
+    job_id = finished_job_with_webhook(sqlite_url, hook)
     with session_scope(sqlite_url) as session:
         secret = ensure_tenant(session, "acme").webhook_secret
-        job = create_job(session, tenant="acme", kind="embed", params={"texts": ["a"]}, queue="inference",
-                         max_attempts=3, webhook_url=hook)  # fmt: skip
-        job_id = job.id
-    with session_scope(sqlite_url) as session:
-        claimed = claim_job(session, job_id, worker="w", device="cpu", lease_seconds=30)
-        assert claimed is not None and claimed.claim_token is not None
-        finish_jobs(session, [Outcome(job_id, claimed.claim_token, JobStatus.SUCCEEDED, result={"dim": 384})])
     dispatcher = WebhookDispatcher(Settings(database_url=sqlite_url, webhook_allowed_networks=LOOPBACK))
     try:
         assert dispatcher.dispatch_due() == 1
@@ -443,19 +450,6 @@ def test_no_connection_is_reused_from_one_delivery_to_the_next(sqlite_url: str) 
         dispatcher.stop()
         server.shutdown()
     assert len(clients) == 2 and clients[0] != clients[1], clients
-
-
-def finished_job_with_webhook(url: str, hook: str, tenant: str = "acme") -> uuid.UUID:
-    with session_scope(url) as session:
-        ensure_tenant(session, tenant)
-        job = create_job(session, tenant=tenant, kind="embed", params={"texts": ["a"]}, queue="inference",
-                         max_attempts=3, webhook_url=hook)  # fmt: skip
-        job_id = job.id
-    with session_scope(url) as session:
-        claimed = claim_job(session, job_id, worker="w", device="cpu", lease_seconds=30)
-        assert claimed is not None and claimed.claim_token is not None
-        finish_jobs(session, [Outcome(job_id, claimed.claim_token, JobStatus.SUCCEEDED, result={"dim": 384})])
-    return job_id
 
 
 def dispatch_once(url: str) -> int:
