@@ -1,1 +1,1 @@
-"""The HTTP API: validates, stores through `db`, publishes through `tensorq.broker`."""
+"""The HTTP API: validates, stores through `db`, publishes through `tensorq.core.broker`."""

@@ -7,20 +7,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.background import BackgroundLoops
 from api.errors import BodyLimit, install_error_handlers
 from api.limits import ActiveJobCounts
 from api.metrics import ApiMetrics
+from api.ratelimit import RateLimiter
 from api.routes import datasets, health, jobs, keys, models
-from api.webhooks import WebhookDispatcher
 from tensorq import __version__
-from tensorq.broker import Publisher
-from tensorq.events import EventListener, EventPublisher
-from tensorq.ratelimit import RateLimiter
-from tensorq.settings import Settings, get_settings
-from tensorq.sweeper import Sweeper
+from tensorq.core.broker import Publisher
+from tensorq.core.events import EventListener, EventPublisher
+from tensorq.core.settings import Settings, get_settings
 
 
-def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, *, run_background: bool = True) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -32,30 +31,25 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         app.state.rate_limiter = RateLimiter(
             settings.redis_url, rate=settings.tenant_submit_rate, burst=settings.tenant_submit_burst
         )
-        webhooks = WebhookDispatcher(settings) if run_sweeper else None
+        loops = BackgroundLoops(settings, publisher) if run_background else None
 
         def on_finished(info: dict[str, object]) -> None:
             metrics.observe_finished(info)
             # A dispatch round is a claiming UPDATE and a commit; jobs without a webhook need none.
-            if webhooks and info.get("webhook", True):
-                webhooks.wake()
+            if loops and info.get("webhook", True):
+                loops.wake_webhooks()
 
         listener = EventListener(settings.redis_url, on_finished=on_finished)
         listener.start()
         app.state.events = listener
         app.state.event_publisher = EventPublisher(settings.redis_url)
-        sweeper = Sweeper(settings, publisher) if run_sweeper else None
-        if sweeper:
-            sweeper.start()
-        if webhooks:
-            webhooks.start()
+        if loops:
+            loops.start()
         try:
             yield
         finally:
-            if webhooks:
-                webhooks.stop()
-            if sweeper:
-                sweeper.stop()
+            if loops:
+                loops.stop()
             app.state.rate_limiter.close()
             await listener.stop()
             publisher.close()

@@ -13,9 +13,9 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from db.session import get_sessionmaker
-from tensorq.broker import Publisher
-from tensorq.events import EventListener
-from tensorq.settings import Settings
+from tensorq.core.broker import Publisher
+from tensorq.core.events import EventListener
+from tensorq.core.settings import Settings
 
 
 async def get_settings(request: Request) -> Settings:

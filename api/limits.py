@@ -12,12 +12,12 @@ from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
-from api.webhooks import check_url
-from db.jobs import count_active_jobs
+from api.ratelimit import RateLimiter
+from api.webhooks.policy import check_url
+from db.queries import count_active_jobs
 from db.registry import get_dataset
 from db.tenants import Principal
-from tensorq.ratelimit import RateLimiter
-from tensorq.settings import Settings
+from tensorq.core.settings import Settings
 
 
 def check_limits(

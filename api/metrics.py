@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from db.jobs import count_jobs
+from db.queries import count_jobs
 from db.session import session_scope
-from tensorq.broker import Publisher, all_queues
-from tensorq.settings import Settings
+from tensorq.core.broker import Publisher, all_queues
+from tensorq.core.settings import Settings
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 6 * 3600)
 

@@ -10,7 +10,6 @@ matches (the lease expired and someone else claimed the job) changes nothing and
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,8 +21,10 @@ from sqlalchemy import ColumnElement, Integer, and_, bindparam, column, func, or
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from db.batching import KEY_COLUMNS, BatchKey, same_batch
 from db.locking import pick_for_update
 from db.models import Job, JobStatus, WebhookState, utcnow
+from db.queries import get_job
 
 
 @dataclass(frozen=True)
@@ -101,34 +102,6 @@ def create_job(
     return job
 
 
-def get_job(session: Session, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
-    """The job, fresh from the database; with `tenant`, None unless the job is that tenant's."""
-    job = session.get(Job, job_id, populate_existing=True)
-    if job is None or (tenant is not None and job.tenant != tenant):
-        return None
-    return job
-
-
-def fetch_job(session: Session, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
-    """`get_job` in a read transaction of its own, begun fresh (SQLite keeps one snapshot per
-    transaction) and ended before returning, so a caller that then waits (a long-poll, up to a
-    minute) holds no pooled connection idle in a transaction. The row stays loaded: sessions do
-    not expire on commit."""
-    session.rollback()
-    try:
-        return get_job(session, job_id, tenant)
-    finally:
-        session.commit()
-
-
-def count_active_jobs(session: Session, tenant: str) -> int:
-    """Queued and running jobs of one tenant, for its quota."""
-    stmt = select(func.count()).where(
-        Job.tenant == tenant, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING))
-    )
-    return int(session.scalar(stmt) or 0)
-
-
 def mark_unpublished(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
     session.execute(
         update(Job)
@@ -136,24 +109,6 @@ def mark_unpublished(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
         .values(published_at=None)
         .execution_options(synchronize_session=False)
     )
-
-
-def jobs_to_publish(
-    session: Session, *, republish_after: float, limit: int = 500, now: datetime | None = None
-) -> list[Job]:
-    """Queued jobs never published, or published so long ago (before `now` - `republish_after`)
-    that the message may be lost, oldest first."""
-    stale = (now or utcnow()) - timedelta(seconds=republish_after)
-    stmt = (
-        select(Job)
-        .where(
-            Job.status == JobStatus.QUEUED,
-            or_(Job.published_at.is_(None), Job.published_at < stale),
-        )
-        .order_by(Job.created_at)
-        .limit(limit)
-    )
-    return list(session.scalars(stmt))
 
 
 def mark_published(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
@@ -176,61 +131,77 @@ def _claimable(now: datetime | ColumnElement[Any]) -> ColumnElement[bool]:
     )
 
 
+@dataclass(frozen=True)
+class Claimant:
+    """Who claims: the worker's name, its device, and how long its lease runs between heartbeats."""
+
+    worker: str
+    device: str
+    lease_seconds: float
+
+
+@dataclass(frozen=True)
+class Fill:
+    """Queued jobs to claim beside the named ones for a batch: those that may share their forward
+    pass (`db.batching`), oldest first, while the batch costs of all claimed jobs add up to at most
+    `max_cost`. `like` names the batch (a top-up); None means like the first named job, of the
+    same tenant unless `same_tenant` is False."""
+
+    max_cost: int
+    like: BatchKey | None = None
+    same_tenant: bool = True
+
+
 def claim_job(
     session: Session, job_id: uuid.UUID, *, worker: str, device: str, lease_seconds: float
 ) -> Job | None:
     """Take a queued job (or one whose holder's lease expired). None if it is not claimable."""
-    jobs = claim_jobs(session, job_id, worker=worker, device=device, lease_seconds=lease_seconds)
+    jobs = claim_jobs(session, [job_id], Claimant(worker, device, lease_seconds))
     return jobs[0] if jobs else None
 
 
 def claim_jobs(
-    session: Session,
-    job_id: uuid.UUID | None,
-    *,
-    worker: str,
-    device: str,
-    lease_seconds: float,
-    fill_to_cost: int = 0,
-    kind: str | None = None,
-    model: str | None = None,
-    queue: str | None = None,
-    tenant: str | None = None,
-    same_as_job: bool = False,
-    same_tenant: bool = True,
-    also_named: Sequence[uuid.UUID] = (),
+    session: Session, named: Sequence[uuid.UUID], claimant: Claimant, fill: Fill | None = None
 ) -> list[Job]:
-    """Claim `job_id` and, for batching, other queued jobs of the same kind, model and queue
-    (`model`/`queue`, or `job_id`'s own with `same_as_job`), oldest first, while the batch costs
-    of all claimed jobs (the named ones' included) add up to at most `fill_to_cost`, in one
-    statement. A named job is claimed whatever its cost. The queue matters: a job that requires a GPU must not ride in a CPU worker's batch.
-    So does the tenant, unless `same_tenant` is False: a model name means a different model in
-    another tenant's registry (`tenant`, or `job_id`'s own with `same_as_job`).
-    Jobs another worker is claiming right now are skipped (SKIP LOCKED on PostgreSQL; SQLite has
-    a single writer). `also_named` are more jobs claimed like `job_id` (a message naming a group).
-    The job `job_id`, if claimed, comes first.
-    """
-    if job_id is None and fill_to_cost <= 0:
+    """Claim the `named` jobs (a message names one, or a group) whatever their cost and, with
+    `fill`, more queued jobs for their batch, in one statement. Jobs another worker is claiming
+    right now are skipped (SKIP LOCKED on PostgreSQL; SQLite has a single writer). The first named
+    job, if claimed, comes first; the rest oldest first."""
+    others = fill is not None and fill.max_cost > 0
+    if not named and not others:
         return []
+    like = fill.like if fill is not None else None
+    if not named and like is None:
+        raise ValueError("a fill without named jobs needs the batch it fills (`like`)")
+    same_tenant = like.tenant is not None if like is not None else (fill is None or fill.same_tenant)
     now = utcnow()
     stmt = _claim_statement(
-        session.get_bind().dialect.name, named=job_id is not None, more_named=bool(also_named),
-        others=fill_to_cost > 0, same_as_job=same_as_job, same_tenant=same_tenant,
-    )  # fmt: skip
-    params = {
-        "job_id": job_id, "named_ids": [job_id, *also_named], "now": now, "p_claim_token": uuid.uuid4(),
-        "p_worker": worker, "p_device": device, "lease_until": now + timedelta(seconds=lease_seconds),
-        "p_kind": kind, "p_model": model, "p_queue": queue, "p_tenant": tenant, "fill_to_cost": fill_to_cost,
-    }  # fmt: skip
+        session.get_bind().dialect.name,
+        named=min(len(named), 2),  # none, one, or a group: three shapes
+        others=others,
+        like_job=like is None,
+        same_tenant=same_tenant,
+    )
+    params: dict[str, Any] = {
+        "job_id": named[0] if named else None,
+        "named_ids": list(named),
+        "now": now,
+        "p_claim_token": uuid.uuid4(),
+        "p_worker": claimant.worker,
+        "p_device": claimant.device,
+        "lease_until": now + timedelta(seconds=claimant.lease_seconds),
+        "fill_to_cost": fill.max_cost if fill is not None else 0,
+    }
+    if like is not None:
+        params.update({f"p_{name}": getattr(like, name) for name in KEY_COLUMNS})
     jobs = list(session.scalars(stmt, params))  # parameters the statement lacks are ignored
-    jobs.sort(key=lambda j: (j.id != job_id, j.created_at))
+    first = named[0] if named else None
+    jobs.sort(key=lambda j: (j.id != first, j.created_at))
     return jobs
 
 
 @lru_cache(maxsize=64)
-def _claim_statement(
-    dialect: str, *, named: bool, more_named: bool, others: bool, same_as_job: bool, same_tenant: bool
-) -> Any:
+def _claim_statement(dialect: str, *, named: int, others: bool, like_job: bool, same_tenant: bool) -> Any:
     """The claim UPDATE of `claim_jobs` for one shape of call, built once, values as parameters:
     building and cache-keying it anew was a millisecond of every claim."""
     c = Job.__table__.c
@@ -239,11 +210,13 @@ def _claim_statement(
     named_ids = bindparam("named_ids", expanding=True, type_=c.id.type)
     conditions = []
     if named:
-        conditions.append(and_(Job.id.in_(named_ids) if more_named else Job.id == job_id, _claimable(now)))
+        conditions.append(and_(Job.id.in_(named_ids) if named > 1 else Job.id == job_id, _claimable(now)))
     if others:
 
-        def of_job(column: Any) -> Any:
-            return select(column).where(Job.id == job_id).scalar_subquery()
+        def value_of(name: str) -> Any:
+            if like_job:
+                return select(c[name]).where(Job.id == job_id).scalar_subquery()
+            return bindparam(f"p_{name}", type_=c[name].type)
 
         fill_to_cost = bindparam("fill_to_cost", type_=Integer)
         candidates = (
@@ -251,17 +224,11 @@ def _claim_statement(
             .where(
                 Job.status == JobStatus.QUEUED,
                 Job.cancel_requested.is_(False),
-                Job.kind == bindparam("p_kind"),
-                Job.model.is_not_distinct_from(of_job(Job.model) if same_as_job else bindparam("p_model")),
-                Job.queue == (of_job(Job.queue) if same_as_job else bindparam("p_queue")),
+                *same_batch(value_of, same_tenant),
             )
             .order_by(Job.created_at, Job.id)
             .limit(fill_to_cost)  # every job costs at least 1
         )
-        if same_tenant:
-            candidates = candidates.where(
-                Job.tenant == (of_job(Job.tenant) if same_as_job else bindparam("p_tenant"))
-            )
         budget: Any = fill_to_cost
         if named:  # the named jobs are in the batch already: they take neither places nor budget twice
             candidates = candidates.where(Job.id.not_in(named_ids))
@@ -535,60 +502,3 @@ def reap_expired_leases(session: Session) -> Reaped:
         .execution_options(synchronize_session=False)
     )
     return Reaped(list(requeued.scalars()), failed_ids, cancelled_ids)
-
-
-# Keyset pagination: newest first, by (created_at, id).
-
-
-def encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
-    raw = f"{created_at.isoformat()}|{job_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """Raises ValueError on a malformed cursor."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        ts, job_id = raw.split("|", 1)
-        created = datetime.fromisoformat(ts)
-        if created.tzinfo is None:
-            raise ValueError("cursor timestamp has no timezone")
-        return created, uuid.UUID(job_id)
-    except (UnicodeDecodeError, ValueError, TypeError) as exc:
-        raise ValueError("malformed cursor") from exc
-
-
-def list_jobs(
-    session: Session,
-    *,
-    tenant: str,
-    status: JobStatus | None = None,
-    kind: str | None = None,
-    limit: int = 50,
-    cursor: str | None = None,
-) -> tuple[list[Job], str | None]:
-    stmt = select(Job).where(Job.tenant == tenant)
-    if status is not None:
-        stmt = stmt.where(Job.status == status)
-    if kind is not None:
-        stmt = stmt.where(Job.kind == kind)
-    if cursor is not None:
-        created, last_id = decode_cursor(cursor)
-        stmt = stmt.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
-    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    rows = list(session.scalars(stmt))
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
-    return rows, next_cursor
-
-
-def is_cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-
-
-def count_jobs(session: Session) -> list[tuple[str, JobStatus, int]]:
-    """(kind, status, count) for every kind and status present, for metrics."""
-    rows = session.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status))
-    return [(kind, status, int(n)) for kind, status, n in rows]

@@ -142,7 +142,7 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
-    # A URL POSTed the job once it is final (see api/webhooks.py); delivery state lives beside it.
+    # A URL POSTed the job once it is final (see api/webhooks/dispatcher.py); delivery state lives beside it.
     webhook_url: Mapped[str | None] = mapped_column(String(2083))
     webhook_state: Mapped[WebhookState | None] = mapped_column(
         Enum(WebhookState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])

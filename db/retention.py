@@ -33,7 +33,7 @@ from sqlalchemy import ColumnElement, LargeBinary, Text, and_, cast, delete, fun
 from sqlalchemy.orm import Session
 
 from db.models import Dataset, Job, JobStatus, Model, ModelVersion, utcnow
-from tensorq.artifacts import ArtifactStore, UnsafePath
+from tensorq.core.artifacts import ArtifactStore, UnsafePath
 
 FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)

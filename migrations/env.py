@@ -6,7 +6,7 @@ from alembic import context
 
 from db.models import Base
 from db.session import make_engine
-from tensorq.settings import get_settings
+from tensorq.core.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

@@ -23,6 +23,10 @@ class JobCancelled(Exception):
     """Raised by `JobContext.check_cancelled` when the user cancelled the running job."""
 
 
+class JobTimeout(Exception):
+    """The job ran past its soft time limit (the worker turns its transport's signal into this)."""
+
+
 class ModelProvider(Protocol):
     def get(self, key: str, load: Callable[[], T]) -> T: ...
 

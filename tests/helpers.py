@@ -124,7 +124,7 @@ def create_api_key(database_url: str, tenant: str, *, admin: bool = False) -> st
     """A new API key for `tenant`, written straight to the database (as `tensorq keys create` does)."""
     from db.session import session_scope
     from db.tenants import create_key
-    from tensorq.settings import Settings
+    from tensorq.core.settings import Settings
 
     with session_scope(Settings(database_url=database_url).sqlalchemy_url) as session:
         return create_key(session, tenant, admin=admin)[1]

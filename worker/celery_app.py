@@ -13,18 +13,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from celery import Celery, Task
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import setup_logging, task_failure, worker_init, worker_process_init, worker_ready
 
 from db.jobs import fail_held_job
 from db.models import Job
 from db.session import session_scope
 from tasks.registry import JobKind, all_kinds, get_kind
-from tensorq.broker import make_celery
-from tensorq.logs import configure_logging, job_context
-from tensorq.settings import get_settings
+from tensorq.core.broker import make_celery
+from tensorq.core.logs import configure_logging, job_context
+from tensorq.core.settings import get_settings
 from worker.finished import FinishedJobs, skipping_strategy
-from worker.runner import Runner, torch_device
+from worker.job_context import torch_device
+from worker.runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def republish(job: Job, delay: float) -> None:
 
 @lru_cache(maxsize=1)
 def get_runner() -> Runner:
-    return Runner(get_settings(), republish=republish)
+    # Celery raises SoftTimeLimitExceeded inside a job at its soft limit; the runner knows it only as a timeout.
+    return Runner(get_settings(), republish=republish, timeout_errors=(SoftTimeLimitExceeded,))
 
 
 # Messages whose jobs another message's batch (or another worker) already finished are

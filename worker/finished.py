@@ -20,16 +20,34 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import redis
 from celery.worker.strategy import default as default_strategy
 
-from tensorq.events import channel
-from worker.runner import RecentlyFinished
+from tensorq.core.events import channel
 
 log = logging.getLogger(__name__)
+
+
+class RecentlyFinished:
+    """Ids of jobs this process finished as part of another message's batch (bounded)."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self._order: deque[uuid.UUID] = deque()
+        self._ids: set[uuid.UUID] = set()
+        self.size = size
+
+    def add(self, job_id: uuid.UUID) -> None:
+        self._order.append(job_id)
+        self._ids.add(job_id)
+        while len(self._order) > self.size:
+            self._ids.discard(self._order.popleft())
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._ids
 
 
 class FinishedJobs:

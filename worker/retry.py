@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import redis
 from sqlalchemy.exc import DBAPIError, OperationalError
+
+from tensorq.core.backoff import backoff_delay
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -25,11 +26,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
         return True
     return type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.startswith("torch")
-
-
-def backoff_delay(attempt: int, base: float = 0.25, cap: float = 15.0) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
-    return random.uniform(0, min(cap, base * 2**attempt))
 
 
 def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 10) -> T:

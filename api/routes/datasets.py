@@ -15,9 +15,9 @@ from api.schemas import DatasetList, DatasetOut, ErrorOut
 from db.models import Dataset
 from db.registry import NAME, create_dataset, get_dataset, list_datasets
 from db.tenants import Principal
-from tensorq.artifacts import ArtifactStore
-from tensorq.datasets import DatasetError, parse_jsonl
-from tensorq.settings import Settings
+from tasks.datasets import DatasetError, parse_jsonl
+from tensorq.core.artifacts import ArtifactStore
+from tensorq.core.settings import Settings
 
 router = APIRouter(
     prefix="/v1/datasets",

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import get_publisher, get_session
 from api.schemas import Health
-from tensorq.broker import Publisher
+from tensorq.core.broker import Publisher
 
 router = APIRouter(tags=["health"])
 

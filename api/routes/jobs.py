@@ -19,15 +19,17 @@ from api.deps import get_events, get_publisher, get_session, get_settings
 from api.limits import check_limits
 from api.responses import model_response
 from api.schemas import ErrorOut, JobBatchCreate, JobBatchOut, JobCreate, JobList, JobOut
-from db.jobs import cancel_job, create_job, fetch_job, get_job, list_jobs, mark_unpublished
+from db.batching import BatchKey, key_of
+from db.jobs import cancel_job, create_job, mark_unpublished
 from db.models import Job, JobStatus
+from db.queries import fetch_job, get_job, list_jobs
 from db.session import get_sessionmaker
 from db.snapshots import job_from_snapshot
 from db.tenants import Principal
 from tasks.registry import get_kind
-from tensorq.broker import Publisher, queue_for
-from tensorq.events import EventListener
-from tensorq.settings import Settings
+from tensorq.core.broker import Publisher, queue_for
+from tensorq.core.events import EventListener
+from tensorq.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,11 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "descript
 
 
 def message_groups(jobs: list[Job], max_texts: int) -> list[tuple[str, list[str], str]]:
-    """Jobs submitted together that a worker would put in one batch anyway (same batching kind,
-    queue, model and tenant, up to `max_texts` texts) go out as one message naming them all: a
-    message per job made the worker consume, and acknowledge, a message for every job a batch had
-    already finished. Everything else is one message per job."""
-    open_groups: dict[tuple[str, str, str | None, str], tuple[list[str], int]] = {}  # -> (ids, texts)
+    """Jobs submitted together that a worker would put in one batch anyway (`db.batching`'s rule,
+    up to `max_texts` texts) go out as one message naming them all: a message per job made the
+    worker consume, and acknowledge, a message for every job a batch had already finished.
+    Everything else is one message per job."""
+    open_groups: dict[BatchKey, tuple[list[str], int]] = {}  # -> (ids, texts)
     messages: list[tuple[str, list[str], str]] = []
     for job in jobs:
         kind = get_kind(job.kind)
@@ -65,7 +67,7 @@ def message_groups(jobs: list[Job], max_texts: int) -> list[tuple[str, list[str]
             messages.append((kind.task_name, [str(job.id)], job.queue))
             continue
         cost = kind.batch_cost(kind.params.model_construct(**job.params))
-        key = (kind.task_name, job.queue, job.model, job.tenant)
+        key = key_of(job, reads_tenant_data=True)  # a message names one tenant's jobs, whatever the kind
         ids, texts = open_groups.get(key, ([], 0))
         if not ids or texts + cost > max_texts:
             ids, texts = [], 0

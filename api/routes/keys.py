@@ -21,7 +21,7 @@ from db.tenants import (
     rotate_webhook_secret,
     webhook_secret,
 )
-from tensorq.settings import Settings
+from tensorq.core.settings import Settings
 
 router = APIRouter(
     prefix="/v1", tags=["tenant"], dependencies=[Depends(current_principal)], responses=UNAUTHORIZED

@@ -12,8 +12,8 @@ import torch
 
 from tasks.context import JobContext
 from tasks.embed import EmbedParams, run
-from tensorq.broker import Publisher
-from tensorq.settings import Settings
+from tensorq.core.broker import Publisher
+from tensorq.core.settings import Settings
 from tests.conftest import Service
 from tests.helpers import insert_queued_embed_row, tenant_of, wait_job, wait_until
 from worker.model_cache import ModelCache
@@ -100,8 +100,9 @@ def test_a_batch_finishes_in_one_statement_and_only_where_the_claim_still_holds(
     """PostgreSQL takes a batch's final states as one UPDATE; each row gets its own outcome."""
     import uuid
 
-    from db.jobs import Outcome, claim_jobs, create_job, finish_jobs, get_job
+    from db.jobs import Claimant, Fill, Outcome, claim_jobs, create_job, finish_jobs
     from db.models import JobStatus
+    from db.queries import get_job
     from db.session import session_scope
 
     url = Settings(database_url=pg_url).sqlalchemy_url
@@ -113,16 +114,7 @@ def test_a_batch_finishes_in_one_statement_and_only_where_the_claim_still_holds(
             for i in range(4)
         ]  # fmt: skip
     with session_scope(url) as session:
-        jobs = claim_jobs(
-            session,
-            ids[0],
-            worker="w",
-            device="cpu",
-            lease_seconds=60,
-            fill_to_cost=4,
-            kind="embed",
-            same_as_job=True,
-        )
+        jobs = claim_jobs(session, [ids[0]], Claimant("w", "cpu", 60), Fill(4))
     assert sorted(j.id for j in jobs) == sorted(ids)
     ok, failed, stale, cancelled = jobs
     outcomes = [
@@ -152,7 +144,7 @@ def test_messages_of_jobs_another_batch_finished_never_reach_the_pool(
 ) -> None:
     """With a POST per job each job has its own message; once a batch has finished the others'
     jobs, the worker's main process acknowledges their messages without running a task."""
-    from tensorq.broker import make_celery
+    from tensorq.core.broker import make_celery
 
     control = make_celery(Settings(redis_url=service.env["TENSORQ_REDIS_URL"]))
 

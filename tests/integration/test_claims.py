@@ -12,17 +12,19 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import func, select
 
-from db.jobs import Outcome, claim_jobs, create_job, finish_jobs
+from db.batching import BatchKey
+from db.jobs import Claimant, Fill, Outcome, claim_jobs, create_job, finish_jobs
 from db.models import Job, JobStatus
 from db.session import session_scope
 from db.webhooks import claim_due_webhooks
-from tensorq.settings import Settings
+from tensorq.core.settings import Settings
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.helpers import create_database, drop_database
 
 pytestmark = pytest.mark.integration
 
-CLAIM = {"worker": "w", "device": "cpu", "lease_seconds": 60}
+CLAIM = Claimant("w", "cpu", 60)
+TOP_UP = BatchKey("embed", "inference", None, "t")  # the batch the top-ups fill
 
 
 @pytest.fixture
@@ -44,19 +46,15 @@ def queue_jobs(url: str, n: int, webhook_url: str | None = None) -> list[object]
 def test_a_batch_top_up_claims_at_most_what_it_asks_for_oldest_first(fresh_url: str) -> None:
     ids = queue_jobs(fresh_url, 120)
     with session_scope(fresh_url) as session:
-        jobs = claim_jobs(
-            session, None, **CLAIM, fill_to_cost=11, kind="embed", queue="inference", tenant="t"
-        )
+        jobs = claim_jobs(session, [], CLAIM, Fill(11, like=TOP_UP))
     assert [j.id for j in jobs] == ids[:11]
     with session_scope(fresh_url) as session:
-        named = claim_jobs(
-            session, ids[50], **CLAIM, also_named=[ids[51]], fill_to_cost=7, kind="embed", same_as_job=True
-        )
+        named = claim_jobs(session, [ids[50], ids[51]], CLAIM, Fill(7))
     # The named jobs (one text each), and the five oldest still queued; the message's own job first.
     assert named[0].id == ids[50]
     assert {j.id for j in named} == {ids[50], ids[51], *ids[11:16]}
     with session_scope(fresh_url) as session:
-        oldest = claim_jobs(session, ids[16], **CLAIM, fill_to_cost=4, kind="embed", same_as_job=True)
+        oldest = claim_jobs(session, [ids[16]], CLAIM, Fill(4))
     # The named job, the oldest queued, is counted once: itself and the three next.
     assert [j.id for j in oldest] == ids[16:20]
     with session_scope(fresh_url) as session:
@@ -73,17 +71,15 @@ def test_a_batch_is_filled_by_its_texts_not_by_its_number_of_jobs(fresh_url: str
             for n in sizes
         ]  # fmt: skip
     with session_scope(fresh_url) as session:
-        first = claim_jobs(session, ids[0], **CLAIM, fill_to_cost=128, kind="embed", same_as_job=True)
+        first = claim_jobs(session, [ids[0]], CLAIM, Fill(128))
     # 50 + 40 + 30 = 120 texts; the next job (20) would make 140.
     assert [j.id for j in first] == ids[:3]
     with session_scope(fresh_url) as session:
-        top_up = claim_jobs(
-            session, None, **CLAIM, fill_to_cost=128, kind="embed", queue="inference", tenant="t"
-        )
+        top_up = claim_jobs(session, [], CLAIM, Fill(128, like=TOP_UP))
     # Oldest first and none skipped: 20 + 100 + 1; the 200-text job does not fit, nor anything after it.
     assert [j.id for j in top_up] == ids[3:6]
     with session_scope(fresh_url) as session:
-        alone = claim_jobs(session, ids[6], **CLAIM, fill_to_cost=128, kind="embed", same_as_job=True)
+        alone = claim_jobs(session, [ids[6]], CLAIM, Fill(128))
     # A named job over the limit is still claimed, alone.
     assert [j.id for j in alone] == [ids[6]]
     with session_scope(fresh_url) as session:
@@ -94,9 +90,7 @@ def test_a_batch_is_filled_by_its_texts_not_by_its_number_of_jobs(fresh_url: str
 def test_due_webhooks_are_claimed_up_to_the_limit(fresh_url: str) -> None:
     ids = queue_jobs(fresh_url, 40, webhook_url="https://example.com/hook")
     with session_scope(fresh_url) as session:
-        jobs = claim_jobs(
-            session, None, **CLAIM, fill_to_cost=40, kind="embed", queue="inference", tenant="t"
-        )
+        jobs = claim_jobs(session, [], CLAIM, Fill(40, like=TOP_UP))
     assert len(jobs) == 40
     with session_scope(fresh_url) as session:
         written = finish_jobs(session, [Outcome(j.id, j.claim_token, JobStatus.SUCCEEDED) for j in jobs])
@@ -112,7 +106,7 @@ def test_a_result_with_nan_and_integer_keys_is_stored_as_valid_json(fresh_url: s
     `NaN`, which PostgreSQL's jsonb rejects, so such a job could not be finished at all."""
     [job_id] = queue_jobs(fresh_url, 1)
     with session_scope(fresh_url) as session:
-        [job] = claim_jobs(session, job_id, **CLAIM)  # type: ignore[arg-type]
+        [job] = claim_jobs(session, [job_id], CLAIM)
         result = {"loss": float("nan"), "labels": {0: "neg", 1: "pos"}}
         assert finish_jobs(session, [Outcome(job.id, job.claim_token, JobStatus.SUCCEEDED, result=result)])
     with session_scope(fresh_url) as session:

@@ -17,7 +17,7 @@ from rich.console import Console
 from typer.testing import CliRunner, Result
 
 from tasks.data import sample_dataset_path
-from tensorq.cli_client import (
+from tensorq.cli.jobs import (
     EXIT_JOB_FAILED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
@@ -27,7 +27,7 @@ from tensorq.cli_client import (
     register,
 )
 from tensorq.client import AsyncClient, Client, TensorqConnectionError, TensorqError, WaitTimeout
-from tensorq.settings import get_settings
+from tensorq.core.settings import get_settings
 from tests.conftest import Service
 from tests.helpers import free_port, wait_until
 

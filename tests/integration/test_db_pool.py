@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import text
 
 from db.session import make_engine
-from tensorq.settings import Settings
+from tensorq.core.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -79,8 +79,8 @@ def test_health_and_readiness(client: httpx.Client) -> None:
 
 
 def publish_again(service: Service, job_id: str) -> None:
-    from tensorq.broker import Publisher
-    from tensorq.settings import Settings
+    from tensorq.core.broker import Publisher
+    from tensorq.core.settings import Settings
 
     publisher = Publisher(Settings(redis_url=service.env["TENSORQ_REDIS_URL"]))
     publisher.publish("tensorq.embed", job_id, "inference")

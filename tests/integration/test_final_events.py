@@ -14,14 +14,16 @@ import pytest
 import redis
 from sqlalchemy.exc import OperationalError
 
-from db.jobs import claim_job, create_job, get_job, mark_published, mark_unpublished
+from api.background.sweeper import sweep_once
+from db.jobs import claim_job, create_job, mark_published, mark_unpublished
 from db.models import JobStatus
+from db.queries import get_job
 from db.session import session_scope
-from tensorq.broker import Publisher
-from tensorq.events import EventPublisher, channel
-from tensorq.settings import Settings
-from tensorq.sweeper import sweep_once
-from worker.runner import Runner, outcome_of_error
+from tensorq.core.broker import Publisher
+from tensorq.core.events import EventPublisher, channel
+from tensorq.core.settings import Settings
+from worker.executing import outcome_of_error
+from worker.runner import Runner
 
 pytestmark = pytest.mark.integration
 

@@ -15,15 +15,18 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 import worker.retry
-import worker.runner
+import worker.claiming
+import worker.job_context
 from db import registry
-from db.jobs import claim_job, create_job, get_job
+from db.jobs import claim_job, create_job
 from db.models import JobStatus, utcnow
+from db.queries import get_job
 from db.session import session_scope
 from tasks import classifier as clf
-from tensorq.artifacts import ArtifactStore
-from tensorq.settings import Settings
-from worker.runner import ProgressWriter, Runner
+from tensorq.core.artifacts import ArtifactStore
+from tensorq.core.settings import Settings
+from worker.job_context import ProgressWriter
+from worker.runner import Runner
 
 pytestmark = pytest.mark.integration
 
@@ -88,8 +91,8 @@ def test_a_database_blip_in_a_progress_write_or_cancel_check_costs_the_job_nothi
     """The connection drops under the first progress write or cancel check of a training run: the
     run goes on (progress waits for the next write) instead of giving the job back."""
     job_id = training_job(settings)
-    flaky = failing(getattr(worker.runner, db_call))
-    monkeypatch.setattr(worker.runner, db_call, flaky)
+    flaky = failing(getattr(worker.job_context, db_call))
+    monkeypatch.setattr(worker.job_context, db_call, flaky)
     assert Runner(settings).run(TRAIN, str(job_id), worker_name="w@host") == JobStatus.SUCCEEDED
     assert flaky.calls > 1  # type: ignore[attr-defined]  # failed, and was called again
     job = read_job(settings, job_id)
@@ -181,13 +184,13 @@ def test_a_dropped_connection_in_the_batch_top_up_still_runs_the_jobs_claimed(
                        max_attempts=3, model="all-MiniLM-L6-v2").id
             for i in range(3)
         ]  # fmt: skip
-    claim = worker.runner.claim_jobs
+    claim = worker.claiming.claim_jobs
     top_up = failing(claim, failures)
 
-    def claim_jobs(session: Any, job_id: uuid.UUID | None, **kwargs: Any) -> Any:
-        return claim(session, job_id, **kwargs) if job_id is not None else top_up(session, job_id, **kwargs)
+    def claim_jobs(session: Any, named: list[uuid.UUID], *args: Any) -> Any:
+        return claim(session, named, *args) if named else top_up(session, named, *args)
 
-    monkeypatch.setattr(worker.runner, "claim_jobs", claim_jobs)
+    monkeypatch.setattr(worker.claiming, "claim_jobs", claim_jobs)
     monkeypatch.setattr(worker.retry, "backoff_delay", lambda attempt: 0.0)
     runner = Runner(settings)
     assert runner.run("embed", str(ids[0]), worker_name="w@host") == JobStatus.SUCCEEDED

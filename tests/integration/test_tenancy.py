@@ -13,7 +13,7 @@ import pytest
 from db.registry import register_version, set_alias
 from db.session import session_scope
 from tasks.data import sample_dataset_path
-from tensorq.settings import Settings
+from tensorq.core.settings import Settings
 from tests.conftest import Service
 from tests.helpers import insert_queued_row, tenant_of, wait_job
 

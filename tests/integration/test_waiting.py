@@ -183,7 +183,7 @@ def test_a_finished_event_carries_a_lone_jobs_row_to_its_waiters(redis_url: str)
     too big, and then the waiter is still woken, with no row."""
     import asyncio
 
-    from tensorq.events import MAX_EVENT_BYTES_WITH_ROWS, EventListener, EventPublisher
+    from tensorq.core.events import MAX_EVENT_BYTES_WITH_ROWS, EventListener, EventPublisher
 
     small, big = uuid.uuid4(), uuid.uuid4()
     rows = {

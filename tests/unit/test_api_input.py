@@ -19,7 +19,7 @@ from db.models import Dataset, Job
 from db.registry import create_dataset
 from db.session import get_sessionmaker, session_scope
 from tasks.texts import MAX_TEXTS
-from tensorq.settings import Settings
+from tensorq.core.settings import Settings
 from tests.helpers import create_api_key
 
 
@@ -32,7 +32,7 @@ def api(sqlite_url: str, tmp_path: Path) -> Iterator[TestClient]:
         max_body_bytes=64 * 1024,
         artifact_dir=tmp_path / "artifacts",
     )
-    app = create_app(settings, run_sweeper=False)
+    app = create_app(settings, run_background=False)
     key = create_api_key(sqlite_url, "unit")
     with TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {key}"}) as client:
         client.sqlite_url = sqlite_url  # type: ignore[attr-defined]

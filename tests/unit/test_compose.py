@@ -9,8 +9,8 @@ from typing import Any
 import typer
 import yaml
 
-from tensorq.cli import app
-from tensorq.settings import Settings
+from tensorq.cli.main import app
+from tensorq.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,14 +17,14 @@ from hypothesis import HealthCheck, settings
 
 from api.app import create_app
 from db.migrate import upgrade
-from tensorq.settings import Settings
+from tensorq.core.settings import Settings
 from tests.helpers import create_api_key
 
 _tmp = Path(tempfile.mkdtemp(prefix="tensorq-fuzz-"))
 _url = f"sqlite:///{_tmp / 'fuzz.db'}"
 app = create_app(
     Settings(database_url=_url, redis_url="redis://127.0.0.1:6379/15", artifact_dir=_tmp / "artifacts"),
-    run_sweeper=False,
+    run_background=False,
 )
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from tensorq.logs import configure_logging, job_context
+from tensorq.core.logs import configure_logging, job_context
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ from db.models import Dataset, Job, JobStatus, utcnow
 from db.registry import create_dataset, register_version
 from db.retention import PruneReport, Skipped, prune, prune_results
 from db.session import dumps_json, get_sessionmaker
-from tensorq.artifacts import ArtifactStore
-from tensorq.retention_cli import parse_duration, register
-from tensorq.settings import get_settings
+from tensorq.cli.retention import parse_duration, register
+from tensorq.core.artifacts import ArtifactStore
+from tensorq.core.settings import get_settings
 
 OLD = timedelta(days=60)
 RECENT = timedelta(hours=1)

@@ -23,22 +23,18 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.app import create_app
-from api.webhooks import (
-    UnsafeDestination,
-    WebhookDispatcher,
-    check_url,
-    resolve_destination,
-    sign,
-    verify_signature,
-)
+from api.background.webhooks import WebhookDispatcher
+from api.webhooks.policy import UnsafeDestination, check_url, resolve_destination
 from db.jobs import Outcome, claim_job, create_job, finish_jobs
 from db.migrate import upgrade
 from db.models import ApiKey, Job, JobStatus, WebhookState
 from db.session import get_sessionmaker, session_scope
 from db.tenants import authenticate, create_key, ensure_tenant, hash_key, revoke_key
-from tensorq.artifacts import ArtifactStore, UnsafePath
-from tensorq.broker import celery_config
-from tensorq.settings import Settings
+from tensorq.client import verify_signature
+from tensorq.core.artifacts import ArtifactStore, UnsafePath
+from tensorq.core.broker import celery_config
+from tensorq.core.settings import Settings
+from tensorq.core.signing import sign
 from tests.helpers import create_api_key
 
 REDIS_URL = os.environ.get("TENSORQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
@@ -48,7 +44,7 @@ LOOPBACK = [ipaddress.ip_network("127.0.0.0/8")]
 
 def make_api(sqlite_url: str, **settings: Any) -> TestClient:
     options: dict[str, Any] = {"database_url": sqlite_url, "redis_url": "redis://127.0.0.1:1/0", **settings}
-    return TestClient(create_app(Settings(**options), run_sweeper=False), raise_server_exceptions=False)
+    return TestClient(create_app(Settings(**options), run_background=False), raise_server_exceptions=False)
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -408,7 +404,7 @@ def test_webhooks_are_delivered_on_the_embedded_sqlite_default(sqlite_url: str) 
         assert dispatcher.dispatch_due() == 0
     finally:
         dispatcher.pool.shutdown()
-        dispatcher.http.close()
+        dispatcher.transport.close()
         server.shutdown()
     [(headers, body)] = received
     assert json.loads(body)["id"] == str(job_id) and json.loads(body)["result"] == {"dim": 384}

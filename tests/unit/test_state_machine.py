@@ -9,6 +9,8 @@ import pytest
 from sqlalchemy.orm import Session
 
 from db.jobs import (
+    Claimant,
+    Fill,
     Outcome,
     cancel_job,
     claim_job,
@@ -16,15 +18,13 @@ from db.jobs import (
     create_job,
     extend_leases,
     finish_jobs,
-    get_job,
-    jobs_to_publish,
-    list_jobs,
     mark_unpublished,
     reap_expired_leases,
     release_job,
     update_progress,
 )
 from db.models import JobStatus
+from db.queries import get_job, jobs_to_publish, list_jobs
 from db.session import get_sessionmaker
 from worker.leases import LeaseKeeper
 
@@ -270,16 +270,7 @@ def test_batch_claim_takes_only_jobs_of_the_same_kind_model_and_queue(session: S
     gpu_only = job("gpu.inference")
     other_model = job("inference", model="other")
     other_kind = job("inference", kind="classify")
-    claimed = claim_jobs(
-        session,
-        first,
-        worker="w",
-        device="cpu",
-        lease_seconds=60,
-        fill_to_cost=10,
-        kind="embed",
-        same_as_job=True,
-    )
+    claimed = claim_jobs(session, [first], Claimant("w", "cpu", 60), Fill(10))
     session.commit()
     assert [j.id for j in claimed] == [first, mate]
     for left in (gpu_only, other_model, other_kind):
@@ -294,10 +285,7 @@ def test_a_batch_claim_adds_jobs_while_their_texts_fit(session: Session) -> None
         return row.id
 
     ids = [job(n) for n in (100, 20, 10, 1)]
-    claimed = claim_jobs(
-        session, ids[0], worker="w", device="cpu", lease_seconds=60, fill_to_cost=128, kind="embed",
-        same_as_job=True,
-    )  # fmt: skip
+    claimed = claim_jobs(session, [ids[0]], Claimant("w", "cpu", 60), Fill(128))
     session.commit()
     # 100 + 20 = 120 texts; 10 more would make 130.
     assert [j.id for j in claimed] == ids[:2]

@@ -35,7 +35,7 @@ def test_a_crashed_gpu_worker_is_restarted_and_ctrl_c_reaches_each_worker_once(t
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE_WORKER)
     commands = {name: [sys.executable, str(script), name, str(tmp_path)] for name in ("steady", "crashy")}
-    run = "import json, sys; from tensorq.supervisor import Supervisor; sys.exit(Supervisor(json.loads(sys.argv[1])).run())"
+    run = "import json, sys; from tensorq.cli.supervisor import Supervisor; sys.exit(Supervisor(json.loads(sys.argv[1])).run())"
     # Its own session, like a shell's foreground job: a Ctrl-C goes to the whole process group.
     supervisor = subprocess.Popen([sys.executable, "-c", run, json.dumps(commands)], start_new_session=True)
     try:

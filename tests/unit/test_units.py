@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from tasks.embed import EmbedParams
 from tasks.registry import all_kinds, get_kind
 from tasks.texts import MAX_TEXT_CHARS, MAX_TEXTS
-from tensorq.broker import queue_for, queues_for_worker
-from tensorq.cli import app
-from tensorq.settings import Settings
+from tensorq.cli.main import app
+from tensorq.core.broker import queue_for, queues_for_worker
+from tensorq.core.settings import Settings
 from worker.devices import detect_gpu_count, plan_devices
 from worker.model_cache import ModelCache
 
@@ -142,7 +142,7 @@ def test_a_wait_for_the_end_is_not_woken_by_a_running_job() -> None:
     import json
     import uuid
 
-    from tensorq.events import EventListener
+    from tensorq.core.events import EventListener
 
     listener = EventListener("redis://unused")
     job_id = uuid.uuid4()
@@ -178,7 +178,7 @@ def test_only_final_job_events_mark_messages_as_done() -> None:
 
 
 def test_tensorq_up_shows_the_database_url_without_its_password() -> None:
-    from tensorq.embedded import without_password
+    from tensorq.cli.embedded import without_password
 
     shown = without_password("postgresql+psycopg://tq:s3cr3t@db.internal:5432/tensorq")
     assert "s3cr3t" not in shown and shown.startswith("postgresql+psycopg://tq:***@db.internal:5432/")

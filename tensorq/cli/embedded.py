@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from db.migrate import upgrade
 from db.session import session_scope
 from db.tenants import create_key, list_keys
-from tensorq.settings import Settings
+from tensorq.core.settings import Settings
 
 
 def redis_server_binary() -> str:

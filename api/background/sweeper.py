@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 
-from db.jobs import jobs_to_publish, mark_published, reap_expired_leases
+from db.jobs import mark_published, reap_expired_leases
 from db.models import utcnow
+from db.queries import jobs_to_publish
 from db.session import session_scope
 from tasks.registry import get_kind
-from tensorq.broker import Publisher
-from tensorq.events import EventPublisher
-from tensorq.settings import Settings
+from tensorq.core.broker import Publisher
+from tensorq.core.events import EventPublisher
+from tensorq.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
-from tensorq.settings import get_settings
+from tensorq.core.settings import get_settings
 
 Job = dict[str, Any]
 Device = Literal["any", "gpu", "cpu"]

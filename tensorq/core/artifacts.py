@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
+
+from tensorq.core.files import atomic_write_bytes
 
 
 class UnsafePath(ValueError):
@@ -42,16 +42,4 @@ class ArtifactStore:
         return f"datasets/{uuid.UUID(str(dataset_id))}.jsonl"
 
     def write_atomic(self, relative: str, data: bytes) -> Path:
-        target = self.path(relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return atomic_write_bytes(self.path(relative), data)

@@ -8,11 +8,11 @@ from typing import Annotated
 
 import typer
 
-from tensorq.cli_client import register as register_client_commands
-from tensorq.keys_cli import register as register_keys
-from tensorq.logs import configure_logging
-from tensorq.retention_cli import register as register_retention
-from tensorq.settings import get_settings
+from tensorq.cli.jobs import register as register_client_commands
+from tensorq.cli.keys import register as register_keys
+from tensorq.cli.retention import register as register_retention
+from tensorq.core.logs import configure_logging
+from tensorq.core.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True, help="tensorq: PyTorch training and inference jobs.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
@@ -83,7 +83,7 @@ def worker(
         # libgomp reads it once, when torch loads it (not yet imported here).
         os.environ["GOMP_SPINCOUNT"] = str(settings.omp_spin_count)
     configure_logging(settings.log_level, settings.log_format)
-    from tensorq.broker import queues_for_worker
+    from tensorq.core.broker import queues_for_worker
     from worker.celery_app import app as celery_app
 
     celery_app.worker_main(
@@ -102,8 +102,8 @@ def worker(
 
 
 def _supervise_gpu_workers(indices: list[str], queues: str | None, concurrency: int, pool: str | None) -> int:
-    """One child `tensorq worker --gpus i` per GPU, kept running (see tensorq/supervisor.py)."""
-    from tensorq.supervisor import Supervisor
+    """One child `tensorq worker --gpus i` per GPU, kept running (see tensorq/cli/supervisor.py)."""
+    from tensorq.cli.supervisor import Supervisor
 
     args = (
         ["--concurrency", str(concurrency)]
@@ -135,7 +135,7 @@ def flower(
 @app.command()
 def up(flower: Annotated[bool, typer.Option(help="Start Flower too")] = True) -> None:
     """Everything on this machine: migrate SQLite, embedded Redis, a worker, the API and Flower."""
-    from tensorq.embedded import run_embedded
+    from tensorq.cli.embedded import run_embedded
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -145,7 +145,3 @@ def up(flower: Annotated[bool, typer.Option(help="Start Flower too")] = True) ->
 register_retention(app)
 register_keys(app)
 register_client_commands(app)
-
-
-if __name__ == "__main__":
-    app()

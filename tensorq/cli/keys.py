@@ -9,7 +9,7 @@ import typer
 
 from db.session import session_scope
 from db.tenants import create_key, find_key, list_keys, revoke_key, rotate_webhook_secret, webhook_secret
-from tensorq.settings import get_settings
+from tensorq.core.settings import get_settings
 
 keys_app = typer.Typer(
     no_args_is_help=True, help="API keys (only their hashes are stored) and webhook secrets."

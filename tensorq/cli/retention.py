@@ -12,8 +12,8 @@ import typer
 from db.models import utcnow
 from db.retention import PruneReport, prune
 from db.session import session_scope
-from tensorq.artifacts import ArtifactStore
-from tensorq.settings import get_settings
+from tensorq.core.artifacts import ArtifactStore
+from tensorq.core.settings import get_settings
 
 DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery
 
-from tensorq.settings import Settings
+from tensorq.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
