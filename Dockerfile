@@ -12,7 +12,7 @@ COPY tasks ./tasks
 COPY db ./db
 COPY migrations ./migrations
 COPY tensorq ./tensorq
-RUN pip install . && useradd --create-home tensorq && mkdir -p /data/artifacts && chown tensorq /data/artifacts
+RUN pip install ".[all]" && useradd --create-home tensorq && mkdir -p /data/artifacts && chown tensorq /data/artifacts
 USER tensorq
 
 EXPOSE 8000 5555

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api.background import BackgroundLoops
 from api.errors import BodyLimit, install_error_handlers
@@ -54,7 +55,9 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
             await listener.stop()
             publisher.close()
 
-    app = FastAPI(
+    # /docs and /redoc with their Swagger UI and ReDoc assets served from the fastapi-offline
+    # package: from a CDN, the pages were blank on an air-gapped cluster.
+    app = FastAPIOffline(
         title="tensorq",
         version=__version__,
         description="Submit PyTorch training and inference jobs; poll their state and results.",

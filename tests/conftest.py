@@ -11,7 +11,7 @@ import httpx
 import pytest
 import redis
 
-from db.migrate import upgrade
+from migrations.run import upgrade
 from tests.helpers import Service, create_database, drop_database, service_env, start_service
 
 POSTGRES_ADMIN_URL = os.environ.get("TENSORQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

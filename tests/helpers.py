@@ -186,7 +186,7 @@ def start_service(env: dict[str, str], log_dir: Path, worker_args: list[str] | N
 
 def create_database(admin_url: str, prefix: str = "tensorq_test") -> str:
     """A new, migrated PostgreSQL database beside `admin_url`'s; returns its URL."""
-    from db.migrate import upgrade
+    from migrations.run import upgrade
 
     name = f"{prefix}_{os.urandom(4).hex()}"
     with psycopg.connect(admin_url, autocommit=True) as conn:

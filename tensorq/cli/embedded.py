@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 from sqlalchemy.engine import make_url
 
-from db.migrate import upgrade
 from db.session import session_scope
 from db.tenants import create_key, list_keys
+from migrations.run import upgrade
 from tensorq.core.settings import Settings
 
 

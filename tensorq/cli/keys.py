@@ -1,4 +1,6 @@
-"""`tensorq keys ...`: API keys and webhook secrets, straight against the database (for operators)."""
+"""`tensorq keys ...`: API keys and webhook secrets, straight against the database (for operators).
+
+The server extra's modules are imported inside each command, so the client install can list them."""
 
 from __future__ import annotations
 
@@ -7,8 +9,7 @@ from typing import Annotated
 
 import typer
 
-from db.session import session_scope
-from db.tenants import create_key, find_key, list_keys, revoke_key, rotate_webhook_secret, webhook_secret
+from tensorq.cli.extras import needs
 from tensorq.core.settings import get_settings
 
 keys_app = typer.Typer(
@@ -25,6 +26,7 @@ def _db_url() -> str:
 
 
 @keys_app.command("create")
+@needs("server")
 def keys_create(
     tenant: TenantOption,
     admin: Annotated[
@@ -33,6 +35,9 @@ def keys_create(
     label: Annotated[str | None, typer.Option(help="A note to recognise the key by")] = None,
 ) -> None:
     """Create a key and print it once (the tenant is created on its first key)."""
+    from db.session import session_scope
+    from db.tenants import create_key
+
     try:
         with session_scope(_db_url()) as session:
             row, key = create_key(session, tenant, admin=admin, label=label)
@@ -45,11 +50,15 @@ def keys_create(
 
 
 @keys_app.command("list")
+@needs("server")
 def keys_list(
     tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's keys")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
 ) -> None:
     """Keys by tenant: id, prefix, admin, created, revoked. Never the keys themselves."""
+    from db.session import session_scope
+    from db.tenants import list_keys
+
     with session_scope(_db_url()) as session:
         rows = list_keys(session, tenant)
         for k in rows:
@@ -68,8 +77,12 @@ def keys_list(
 
 
 @keys_app.command("revoke")
+@needs("server")
 def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or its listed prefix")]) -> None:
     """Revoke a key: requests with it are refused from now on."""
+    from db.session import session_scope
+    from db.tenants import find_key, revoke_key
+
     with session_scope(_db_url()) as session:
         row = find_key(session, key)
         if row is None:
@@ -80,11 +93,15 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or its lis
 
 
 @keys_app.command("webhook-secret")
+@needs("server")
 def keys_webhook_secret(
     tenant: TenantOption,
     rotate: Annotated[bool, typer.Option(help="Replace it with a new one first")] = False,
 ) -> None:
     """Print the tenant's webhook signing secret (receivers verify X-Tensorq-Signature with it)."""
+    from db.session import session_scope
+    from db.tenants import rotate_webhook_secret, webhook_secret
+
     try:
         with session_scope(_db_url()) as session:
             secret = rotate_webhook_secret(session, tenant) if rotate else webhook_secret(session, tenant)

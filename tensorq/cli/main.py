@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from tensorq.cli.datasets import register as register_datasets
+from tensorq.cli.extras import needs
 from tensorq.cli.jobs import register as register_client_commands
 from tensorq.cli.keys import register as register_keys
 from tensorq.cli.retention import register as register_retention
@@ -20,9 +22,10 @@ app.add_typer(db_app, name="db")
 
 
 @db_app.command("upgrade")
+@needs("server")
 def db_upgrade(revision: str = "head") -> None:
     """Create or migrate the schema to REVISION (default: head)."""
-    from db.migrate import upgrade
+    from migrations.run import upgrade
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -31,6 +34,7 @@ def db_upgrade(revision: str = "head") -> None:
 
 
 @app.command()
+@needs("server")
 def api(
     host: Annotated[str | None, typer.Option(help="Default: TENSORQ_API_HOST")] = None,
     port: Annotated[int | None, typer.Option(help="Default: TENSORQ_API_PORT")] = None,
@@ -52,6 +56,7 @@ def api(
 
 
 @app.command()
+@needs("worker")
 def worker(
     gpus: Annotated[
         str, typer.Option(help="'all' (or 'auto'), 'none' (CPU), or indices like '0,2'")
@@ -115,6 +120,7 @@ def _supervise_gpu_workers(indices: list[str], queues: str | None, concurrency: 
 
 
 @app.command()
+@needs("server")
 def flower(
     port: Annotated[int | None, typer.Option(help="Default: TENSORQ_FLOWER_PORT")] = None,
     address: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
@@ -133,6 +139,7 @@ def flower(
 
 
 @app.command()
+@needs("server", "worker", "all")
 def up(flower: Annotated[bool, typer.Option(help="Start Flower too")] = True) -> None:
     """Everything on this machine: migrate SQLite, embedded Redis, a worker, the API and Flower."""
     from tensorq.cli.embedded import run_embedded
@@ -145,3 +152,4 @@ def up(flower: Annotated[bool, typer.Option(help="Start Flower too")] = True) ->
 register_retention(app)
 register_keys(app)
 register_client_commands(app)
+register_datasets(app)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import re
 from datetime import timedelta
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from db.models import utcnow
-from db.retention import PruneReport, prune
-from db.session import session_scope
+from tensorq.cli.extras import needs
 from tensorq.core.artifacts import ArtifactStore
 from tensorq.core.settings import get_settings
+
+if TYPE_CHECKING:
+    from db.retention import PruneReport
 
 DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -70,6 +71,7 @@ def render(report: PruneReport) -> str:
     return "\n".join(lines)
 
 
+@needs("server")
 def prune_command(
     older_than: Annotated[
         str | None,
@@ -87,6 +89,10 @@ def prune_command(
 
     Job directories a registered model version points into are kept.
     """
+    from db.models import utcnow
+    from db.retention import prune
+    from db.session import session_scope
+
     settings = get_settings()
     if older_than is None:
         age = timedelta(days=settings.retention_days)

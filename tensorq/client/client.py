@@ -377,6 +377,13 @@ class Client:
         dataset: dict[str, Any] = self._send(_upload_call(data, name))
         return dataset
 
+    def datasets(self, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        """The tenant's datasets, newest first."""
+        items: builtins.list[dict[str, Any]] = self._send(
+            _Call("GET", "/v1/datasets", params={"limit": limit})
+        )["items"]
+        return items
+
     def models(self) -> builtins.list[dict[str, Any]]:
         items: builtins.list[dict[str, Any]] = self._send(_Call("GET", "/v1/models"))["items"]
         return items
@@ -501,6 +508,12 @@ class AsyncClient:
         # The file is read in one go: uploads are capped (32 MiB by default) and sent whole anyway.
         dataset: dict[str, Any] = await self._send(_upload_call(data, name))
         return dataset
+
+    async def datasets(self, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        """The tenant's datasets, newest first."""
+        page = await self._send(_Call("GET", "/v1/datasets", params={"limit": limit}))
+        items: builtins.list[dict[str, Any]] = page["items"]
+        return items
 
     async def models(self) -> builtins.list[dict[str, Any]]:
         items: builtins.list[dict[str, Any]] = (await self._send(_Call("GET", "/v1/models")))["items"]

@@ -22,7 +22,7 @@ from db.session import session_scope
 from tensorq.core.broker import Publisher
 from tensorq.core.events import EventPublisher, channel
 from tensorq.core.settings import Settings
-from worker.executing import outcome_of_error
+from worker.executing import Executor, outcome_of_error
 from worker.runner import Runner
 
 pytestmark = pytest.mark.integration
@@ -75,10 +75,10 @@ def test_a_job_out_of_attempts_after_a_transient_error_is_announced_failed(
 ) -> None:
     job_id = new_job(settings, max_attempts=1)
 
-    def transient(self: Runner, kind: Any, job: Any) -> Any:
+    def transient(self: Executor, kind: Any, job: Any) -> Any:
         return outcome_of_error(job, OperationalError("UPDATE", {}, Exception("connection lost")))
 
-    monkeypatch.setattr(Runner, "execute", transient)
+    monkeypatch.setattr(Executor, "execute", transient)
     runner = Runner(settings)
     assert runner.run("embed", str(job_id), worker_name="w@host") == JobStatus.FAILED
     assert read_final(events) == [str(job_id)]

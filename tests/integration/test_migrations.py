@@ -14,8 +14,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from db.migrate import upgrade
 from db.models import Base
+from migrations.run import upgrade
 from tests.conftest import POSTGRES_ADMIN_URL
 
 pytestmark = pytest.mark.integration

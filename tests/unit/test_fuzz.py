@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 
 from api.app import create_app
-from db.migrate import upgrade
+from migrations.run import upgrade
 from tensorq.core.settings import Settings
 from tests.helpers import create_api_key
 

@@ -26,10 +26,10 @@ from api.app import create_app
 from api.background.webhooks import WebhookDispatcher
 from api.webhooks.policy import UnsafeDestination, check_url, resolve_destination
 from db.jobs import Outcome, claim_job, create_job, finish_jobs
-from db.migrate import upgrade
 from db.models import ApiKey, Job, JobStatus, WebhookState
 from db.session import get_sessionmaker, session_scope
 from db.tenants import authenticate, create_key, ensure_tenant, hash_key, revoke_key
+from migrations.run import upgrade
 from tensorq.client import verify_signature
 from tensorq.core.artifacts import ArtifactStore, UnsafePath
 from tensorq.core.broker import celery_config

@@ -1,4 +1,4 @@
-"""Run the Alembic migrations programmatically (`tensorq db upgrade`)."""
+"""Run the Alembic migrations programmatically (`tensorq db upgrade`, `tensorq up`, the tests)."""
 
 from __future__ import annotations
 
