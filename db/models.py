@@ -65,6 +65,12 @@ class UTCDateTime(TypeDecorator[datetime]):
 JSONType = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
+# ModelVersion.task values.
+TEXT_CLASSIFIER = "text-classifier"
+MASKED_LM = "masked-lm"
+EMBEDDER = "embedder"
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {
         dict[str, Any]: JSONType,
@@ -201,8 +207,32 @@ class ModelVersion(Base):
     metrics: Mapped[dict[str, Any]]
     job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # What the version is: text-classifier, masked-lm (an encoder with its head) or embedder.
+    task: Mapped[str] = mapped_column(String(32), default=TEXT_CLASSIFIER, server_default=TEXT_CLASSIFIER)
+    # The version it was made from (fine-tuned, pretrained further, optimised), if a registered one.
+    parent_name: Mapped[str | None] = mapped_column(String(63))
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    # How it was made from its parent: {"method", "options", "comparison", "base_model", ...}.
+    lineage: Mapped[dict[str, Any] | None]
 
     __table_args__ = (UniqueConstraint("model_id", "version", name="uq_model_versions_model_version"),)
+
+
+class ModelEvaluation(Base):
+    """One `evaluate` job's figures for a version, kept on it (GET /v1/models/{name})."""
+
+    __tablename__ = "model_evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    dataset_id: Mapped[str] = mapped_column(String(128))
+    split: Mapped[str] = mapped_column(String(16))
+    metrics: Mapped[dict[str, Any]]
+    device: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_model_evaluations_version", "model_version_id", "id"),)
 
 
 class ModelAlias(Base):

@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from db.models import Dataset, Model, ModelAlias, ModelVersion, utcnow
+from db.models import TEXT_CLASSIFIER, Dataset, Model, ModelAlias, ModelEvaluation, ModelVersion, utcnow
 
 NAME = r"[a-z0-9][a-z0-9_-]{0,62}"
 NAME_RE = re.compile(rf"^{NAME}$")
@@ -77,18 +77,81 @@ def _ensure_model(session: Session, tenant: str, name: str) -> Model:
 
 
 def register_version(
-    session: Session, *, tenant: str, name: str, artifact_path: str, labels: list[str], metrics: dict[str, Any],
+    session: Session,
+    *,
+    tenant: str,
+    name: str,
+    artifact_path: str,
+    labels: list[str],
+    metrics: dict[str, Any],
     job_id: uuid.UUID | None,
-) -> ModelVersion:  # fmt: skip
+    task: str = TEXT_CLASSIFIER,
+    parent: tuple[str, int] | None = None,
+    lineage: dict[str, Any] | None = None,
+) -> ModelVersion:
+    """The model's next version (the model is created with its first). `parent` is the registered
+    version it was made from, `lineage` how (method, options, comparison)."""
     model = _ensure_model(session, tenant, name)
     latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model.id))
     version = ModelVersion(
-        model_id=model.id, version=(latest or 0) + 1, artifact_path=artifact_path, labels=labels,
-        metrics=metrics, job_id=job_id, created_at=utcnow(),
-    )  # fmt: skip
+        model_id=model.id,
+        version=(latest or 0) + 1,
+        artifact_path=artifact_path,
+        labels=labels,
+        metrics=metrics,
+        job_id=job_id,
+        created_at=utcnow(),
+        task=task,
+        parent_name=parent[0] if parent else None,
+        parent_version=parent[1] if parent else None,
+        lineage=lineage,
+    )
     session.add(version)
     session.flush()
     return version
+
+
+def find_version(session: Session, tenant: str, name: str, version: int) -> ModelVersion | None:
+    stmt = (
+        select(ModelVersion)
+        .join(Model, Model.id == ModelVersion.model_id)
+        .where(Model.tenant == tenant, Model.name == name, ModelVersion.version == version)
+    )
+    return session.scalars(stmt).one_or_none()
+
+
+def record_evaluation(
+    session: Session,
+    version: ModelVersion,
+    *,
+    dataset_id: str,
+    split: str,
+    metrics: dict[str, Any],
+    device: str,
+    job_id: uuid.UUID | None,
+) -> ModelEvaluation:
+    row = ModelEvaluation(
+        model_version_id=version.id, dataset_id=dataset_id, split=split, metrics=metrics, device=device,
+        job_id=job_id, created_at=utcnow(),
+    )  # fmt: skip
+    session.add(row)
+    session.flush()
+    return row
+
+
+def evaluations_of(session: Session, versions: list[ModelVersion]) -> dict[int, list[ModelEvaluation]]:
+    """Each version's evaluations, oldest first, by version id."""
+    found: dict[int, list[ModelEvaluation]] = {v.id: [] for v in versions}
+    if not found:
+        return found
+    stmt = (
+        select(ModelEvaluation)
+        .where(ModelEvaluation.model_version_id.in_(found))
+        .order_by(ModelEvaluation.model_version_id, ModelEvaluation.id)
+    )
+    for row in session.scalars(stmt):
+        found[row.model_version_id].append(row)
+    return found
 
 
 def get_model(session: Session, tenant: str, name: str) -> Model | None:

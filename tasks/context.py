@@ -45,6 +45,8 @@ class ResolvedModel:
     name: str
     version: int
     path: Path  # directory holding the version's files (safetensors + config)
+    task: str = "text-classifier"  # or masked-lm, embedder (db.models.ModelVersion.task)
+    parent: tuple[str, int] | None = None  # the registered version it was made from
 
 
 def _no_datasets(dataset_id: str) -> list[dict[str, Any]]:

@@ -35,9 +35,13 @@ class JobKind(Generic[P, R]):
     run_batch: Callable[[list[P], JobContext], list[R]] | None = None
     # A job's share of a batch (texts for text kinds); batches are bounded by the sum of these.
     batch_cost: Callable[[P], int] = lambda params: 1
-    # Training kinds whose result carries `model` (a name), `artifact_dir`, `labels` and `metrics`:
-    # the worker registers that directory as the model's next version when it commits the job.
+    # Kinds whose result carries `model` (a name), `artifact_dir` and `metrics` (and optionally
+    # `labels`, `task`, `parent` {name, version}, `lineage`): the worker registers that directory as
+    # the model's next version when it commits the job.
     registers_model: bool = False
+    # Kinds whose result carries `evaluation` {model, version, dataset_id, split, metrics, device}:
+    # the worker keeps it on that registered version when it commits the job.
+    records_evaluation: bool = False
     # Whether a job reads its tenant's models or datasets. Jobs of kinds that do are batched only
     # with the same tenant's jobs, since a model name means another model in another tenant.
     reads_tenant_data: bool = True

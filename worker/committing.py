@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from db import registry
 from db.jobs import Outcome, finish_job, finish_jobs, no_attempts_left, release_job
-from db.models import Job, JobStatus, utcnow
+from db.models import TEXT_CLASSIFIER, Job, JobStatus, utcnow
 from db.queries import get_job
 from db.session import session_scope
 from db.snapshots import job_snapshot
@@ -78,6 +78,9 @@ class Committer:
             outcomes = [o for o in outcomes if o.status != JobStatus.QUEUED]
             if kind.registers_model:
                 outcomes = [self.register_model(session, o, tenants[o.job_id]) for o in outcomes]
+            if kind.records_evaluation:
+                for o in outcomes:
+                    self.record_evaluation(session, o, tenants[o.job_id])
             rows: list[dict[str, Any]] = []
             if len(outcomes) == 1:
                 row = finish_job(session, outcomes[0])
@@ -85,24 +88,59 @@ class Committer:
                 rows = [] if row is None else [job_snapshot(row)]
             else:
                 written = finish_jobs(session, outcomes)
-            if kind.registers_model and len(written) < len(outcomes):
-                session.rollback()  # no model version for a job whose claim was lost
+            if (kind.registers_model or kind.records_evaluation) and len(written) < len(outcomes):
+                session.rollback()  # no model version (nor evaluation) for a job whose claim was lost
                 return outcomes, set(), []
         self.publish_released(requeued)
         return outcomes + gave_up, written | {o.job_id for o in gave_up}, rows
 
     def register_model(self, session: Session, outcome: Outcome, tenant: str) -> Outcome:
-        """Register a training job's output as the next version of its model, in the job's transaction."""
+        """Register a job's output as the next version of its model, in the job's transaction.
+
+        The result names it (`model`, `artifact_dir`, `metrics`, optionally `labels`, `task`,
+        `parent` {name, version} and `lineage`); `artifact_dir` becomes `artifact`, and `version` is set."""
         if outcome.status != JobStatus.SUCCEEDED or outcome.result is None:
             return outcome
         result = dict(outcome.result)
         artifact = self.store.relative(Path(result.pop("artifact_dir")))
+        parent = result.get("parent")
         version = registry.register_version(
-            session, tenant=tenant, name=result["model"], artifact_path=artifact, labels=result["labels"],
-            metrics=result["metrics"], job_id=outcome.job_id,
-        )  # fmt: skip
+            session,
+            tenant=tenant,
+            name=result["model"],
+            artifact_path=artifact,
+            labels=result.get("labels") or [],
+            metrics=result["metrics"],
+            job_id=outcome.job_id,
+            task=result.get("task") or TEXT_CLASSIFIER,
+            parent=(parent["name"], int(parent["version"]))
+            if isinstance(parent, dict) and parent.get("version")
+            else None,
+            lineage=result.get("lineage"),
+        )
         return dataclasses.replace(
             outcome, result={**result, "version": version.version, "artifact": artifact}
+        )
+
+    def record_evaluation(self, session: Session, outcome: Outcome, tenant: str) -> None:
+        """Keep an `evaluate` job's figures on the version it measured (`result["evaluation"]`:
+        model, version, dataset_id, split, metrics, device); the shipped model has no version row."""
+        evaluation = (
+            (outcome.result or {}).get("evaluation") if outcome.status == JobStatus.SUCCEEDED else None
+        )
+        if not isinstance(evaluation, dict):
+            return
+        version = registry.find_version(session, tenant, evaluation["model"], int(evaluation["version"]))
+        if version is None:
+            return
+        registry.record_evaluation(
+            session,
+            version,
+            dataset_id=str(evaluation["dataset_id"]),
+            split=str(evaluation["split"]),
+            metrics=evaluation["metrics"],
+            device=str(evaluation["device"]),
+            job_id=outcome.job_id,
         )
 
     def publish_released(self, job_ids: list[uuid.UUID]) -> None:
