@@ -76,9 +76,11 @@ def run_batch(batch: list[FillMaskParams], ctx: JobContext) -> list[FillMaskResu
     """Jobs naming the same model share forward passes; each reference is resolved once.
     (The worker batches jobs of one model, but a mixed batch is handled too, one model at a time.)"""
     resolved = {ref: ctx.resolve_model(ref) for ref in dict.fromkeys(p.model for p in batch)}
+    # "domain", "domain:3" and "domain@prod" may all be one version: one group per version's files.
+    versions = {model.path: model for model in resolved.values()}
     results: dict[int, FillMaskResult] = {}
-    for ref, model in resolved.items():
-        members = [i for i, p in enumerate(batch) if p.model == ref]
+    for path, model in versions.items():
+        members = [i for i, p in enumerate(batch) if resolved[p.model].path == path]
         texts = [text for i in members for text in batch[i].texts]
         top_k = max(batch[i].top_k for i in members)  # one top-k for all, each job keeps its own k
         try:

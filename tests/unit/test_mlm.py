@@ -372,7 +372,9 @@ def test_fill_mask_ranks_the_domain_word_only_after_pretraining(
         assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1
 
 
-def test_fill_mask_answers_each_mask_in_order(pretrained: Pretrained) -> None:
+def test_fill_mask_answers_each_mask_in_order(
+    pretrained: Pretrained, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ctx = JobContext(resolve_model=resolver(domain=pretrained.result.artifact_dir or ""))
     texts = ["[MASK] harvest the [MASK] in autumn.", "the [MASK] grows best in the wet soil of vellmoor."]
     both = fill(FillMaskParams(model="domain", texts=texts, top_k=50), ctx)
@@ -386,6 +388,21 @@ def test_fill_mask_answers_each_mask_in_order(pretrained: Pretrained) -> None:
             assert [c.token for c in m_b][:5] == [c.token for c in m_a][:5]
             assert [c.score for c in m_b][:5] == pytest.approx([c.score for c in m_a][:5], abs=1e-5)
     assert "[SEP]" not in [c.token for t in both.predictions for m in t for c in m]
+    # Two references to one version: one group, one forward pass, each job its own answer.
+    calls: list[int] = []
+    real = mlm_lib.fill_mask
+
+    def counting(mlm: mlm_lib.MaskedLM, texts: list[str], top_k: int = 5) -> Any:
+        calls.append(len(texts))
+        return real(mlm, texts, top_k)
+
+    monkeypatch.setattr(mlm_lib, "fill_mask", counting)
+    a, b = fill_batch(
+        [FillMaskParams(model="domain", texts=texts[:1]), FillMaskParams(model="domain:1", texts=texts)], ctx
+    )
+    assert (
+        calls == [3] and [len(t) for t in a.predictions] == [2] and [len(t) for t in b.predictions] == [2, 1]
+    )
 
 
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
