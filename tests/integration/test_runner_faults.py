@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-import worker.retry
 import worker.claiming
 import worker.job_context
+import worker.retry
 from db import registry
 from db.jobs import claim_job, create_job
 from db.models import JobStatus, utcnow
