@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from api.background import BackgroundLoops
-from api.errors import BodyLimit, install_error_handlers
+from api.errors import BodyLimit, CatchAll, install_error_handlers
 from api.limits import ActiveJobCounts
 from api.metrics import ApiMetrics
 from api.ratelimit import RateLimiter
@@ -17,6 +17,7 @@ from api.routes import datasets, health, jobs, keys, models
 from tensorq import __version__
 from tensorq.core.broker import Publisher
 from tensorq.core.events import EventListener, EventPublisher
+from tensorq.core.presence import Presence
 from tensorq.core.settings import Settings, get_settings
 
 
@@ -29,6 +30,7 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
         app.state.publisher = publisher
         metrics = ApiMetrics(settings, publisher)
         app.state.metrics = metrics
+        app.state.presence = Presence(settings.redis_url, settings.worker_presence_cache_seconds)
         app.state.rate_limiter = RateLimiter(
             settings.redis_url, rate=settings.tenant_submit_rate, burst=settings.tenant_submit_burst
         )
@@ -52,6 +54,7 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
             if loops:
                 loops.stop()
             app.state.rate_limiter.close()
+            app.state.presence.close()
             await listener.stop()
             publisher.close()
 
@@ -75,5 +78,7 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
         BodyLimit,
         max_bytes=settings.max_body_bytes,
         upload_paths={"/v1/datasets": settings.dataset_max_bytes},
+        timeout=settings.request_body_timeout_seconds,
     )
+    app.add_middleware(CatchAll)  # added last: outermost, so it sees what the others raise
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -64,24 +65,58 @@ async def validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     error_id = uuid.uuid4().hex[:12]
-    log.exception("unhandled error %s on %s %s", error_id, request.method, request.url.path)
+    log.error(
+        "unhandled error %s on %s %s", error_id, request.method, request.url.path,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )  # fmt: skip
     return JSONResponse(
         status_code=500, content={"detail": f"internal error (id {error_id}); see the API log"}
     )
 
 
+class CatchAll:
+    """The outermost of tensorq's middleware: an error nothing else handled is logged here, once,
+    and answered 500 as JSON. Starlette's own handler for `Exception` answers too but then raises
+    the error on to the server, which logged it again as a plain-text traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            response = await unexpected_error(Request(scope), exc)
+            if not started:  # else the answer is under way; the server ends the connection
+                await response(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unexpected_error)
 
 
 class BodyLimit:
-    """Answers 413 for a body over `max_bytes`, whether or not Content-Length says so."""
+    """Answers 413 for a body over `max_bytes`, whether or not Content-Length says so, and 408 for
+    one not received within `timeout` seconds (a client trickling it would hold its request open)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_paths: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, upload_paths: dict[str, int] | None = None, timeout: float = 30.0
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.upload_paths = upload_paths or {}
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
@@ -91,18 +126,24 @@ class BodyLimit:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(send, limit)
+            await self._reject(send, 413, f"request body larger than {limit} bytes")
             return
         chunks: list[bytes] = []
         size = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                await self._reject(send, 408, f"request body not received within {self.timeout:g} s")
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await self._reject(send, limit)
+                await self._reject(send, 413, f"request body larger than {limit} bytes")
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -119,15 +160,17 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send: Send, limit: int) -> None:
-        body = json.dumps({"detail": f"request body larger than {limit} bytes"}).encode()
+    async def _reject(self, send: Send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    # The rest of the body may still come; the connection cannot carry another request.
+                    (b"connection", b"close"),
                 ],
             }
         )

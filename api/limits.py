@@ -17,6 +17,9 @@ from api.webhooks.policy import check_url
 from db.queries import count_active_jobs
 from db.registry import get_dataset
 from db.tenants import Principal
+from tasks.registry import get_kind
+from tensorq.core.broker import queue_for
+from tensorq.core.presence import Presence
 from tensorq.core.settings import Settings
 
 
@@ -26,6 +29,7 @@ def check_limits(
 ) -> None:  # fmt: skip
     """`items` are validated job bodies; `loc` is where they sit in the request (body, or body.jobs)."""
     errors = request_errors(settings, items, loc) + dataset_errors(session, principal.tenant, items, loc)
+    errors += device_errors(request.app.state.presence, items, loc)
     if errors:
         raise RequestValidationError(errors)
     counts: ActiveJobCounts = request.app.state.active_jobs
@@ -70,6 +74,22 @@ def request_errors(settings: Settings, items: list[Any], loc: tuple[str, ...]) -
     if len(items) > settings.max_batch_jobs:
         msg = f"at most {settings.max_batch_jobs} jobs per request"
         errors.append({"loc": loc, "msg": msg, "type": "too_long"})
+    return errors
+
+
+def device_errors(presence: Presence, items: list[Any], loc: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A job requiring a device ("gpu", "cpu") that no live worker serves would wait forever."""
+    errors: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        if item.device == "any":
+            continue
+        queue = queue_for(get_kind(item.kind).category, item.device)
+        if not presence.served(queue):
+            item_loc = (*loc, i) if len(loc) > 1 else loc
+            msg = f'no live worker serves {item.device} jobs of this kind (queue {queue}); use "any"'
+            errors.append(
+                {"loc": (*item_loc, "device"), "msg": msg, "type": "unavailable", "input": item.device}
+            )
     return errors
 
 

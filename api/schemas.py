@@ -83,9 +83,64 @@ class JobOut(BaseModel):
         )
 
 
+# What a listing leaves out unless `?include=` names it: the parts of a job that grow with its data.
+LISTED_PAYLOADS = ("input", "result")
+
+
+class JobSummary(BaseModel):
+    """A job as listed: JobOut without `input` and `result` unless `?include=` names them."""
+
+    id: uuid.UUID
+    kind: str
+    status: JobStatus
+    model: str | None
+    queue: str
+    input: dict[str, Any] | None = Field(default=None, description="Only with include=input.")
+    progress: dict[str, Any] | None
+    result: dict[str, Any] | None = Field(default=None, description="Only with include=result.")
+    error: JobErrorOut | None
+    metrics: dict[str, Any] | None
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    worker: str | None
+    device: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    webhook: WebhookOut | None
+
+    @classmethod
+    def from_row(cls, job: Job, payloads: dict[str, Any] | None = None) -> JobSummary:
+        """`payloads`: the included columns (input, result), read apart from the row."""
+        error = None
+        if job.error_type is not None:
+            error = JobErrorOut(type=job.error_type, message=job.error_message or "")
+        return cls(
+            id=job.id, kind=job.kind, status=job.status, model=job.model, queue=job.queue,
+            progress=job.progress, error=error, metrics=job.metrics, attempts=job.attempts,
+            max_attempts=job.max_attempts, cancel_requested=job.cancel_requested, worker=job.worker,
+            device=job.device, created_at=job.created_at, started_at=job.started_at,
+            finished_at=job.finished_at, webhook=_webhook_out(job), **(payloads or {}),
+        )  # fmt: skip
+
+
+def _webhook_out(job: Job) -> WebhookOut | None:
+    if job.webhook_url is None or job.webhook_state is None:
+        return None
+    return WebhookOut(
+        url=job.webhook_url, state=job.webhook_state, attempts=job.webhook_attempts, error=job.webhook_error
+    )
+
+
 class JobList(BaseModel):
-    items: list[JobOut]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last.")
+    items: list[JobSummary] = Field(
+        description="Newest first; `input` and `result` only when `include` names them."
+    )
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last. A page may hold fewer "
+        "jobs than `limit` when its size reached TENSORQ_LIST_MAX_BYTES."
+    )
 
 
 class Health(BaseModel):
@@ -188,7 +243,8 @@ class ModelList(BaseModel):
 class AliasIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1, le=999_999_999)
+    # Strict: "1" is not a version (a string is never coerced into a security-relevant number or flag).
+    version: int = Field(ge=1, le=999_999_999, strict=True)
 
 
 class KeyOut(BaseModel):
@@ -204,7 +260,8 @@ class KeyOut(BaseModel):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    admin: bool = False
+    # Strict: only JSON true/false; "yes", "1" or 1 would otherwise make an admin key.
+    admin: bool = Field(default=False, strict=True)
     label: Annotated[str, StringConstraints(max_length=200), Storable] | None = None
 
 

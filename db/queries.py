@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import uuid
-from datetime import datetime, timedelta
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from db.models import Job, JobStatus, utcnow
 
@@ -74,8 +76,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         created = datetime.fromisoformat(ts)
         if created.tzinfo is None:
             raise ValueError("cursor timestamp has no timezone")
-        return created, uuid.UUID(job_id)
-    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        # In UTC, as stored: 0001-01-01T00:00:00+14:00 has no UTC time, and would overflow at the query.
+        return created.astimezone(UTC), uuid.UUID(job_id)
+    except (UnicodeDecodeError, ValueError, TypeError, OverflowError) as exc:
         raise ValueError("malformed cursor") from exc
 
 
@@ -88,7 +91,9 @@ def list_jobs(
     limit: int = 50,
     cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
-    stmt = select(Job).where(Job.tenant == tenant)
+    """A page of the tenant's jobs, newest first, without their params and result (deferred:
+    read them with `job_payloads`, a few at a time), and the cursor after it (None on the last)."""
+    stmt = select(Job).options(defer(Job.params), defer(Job.result)).where(Job.tenant == tenant)
     if status is not None:
         stmt = stmt.where(Job.status == status)
     if kind is not None:
@@ -103,6 +108,19 @@ def list_jobs(
         rows = rows[:limit]
         next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
     return rows, next_cursor
+
+
+PAYLOAD_COLUMNS = {"input": Job.params, "result": Job.result}
+
+
+def job_payloads(
+    session: Session, job_ids: Sequence[uuid.UUID], fields: Sequence[str]
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """{job id: {field: value}} for `fields` among "input" (the params) and "result", read as
+    plain columns (kept out of the session's identity map, so freed once serialised)."""
+    columns = [PAYLOAD_COLUMNS[f] for f in fields]
+    rows = session.execute(select(Job.id, *columns).where(Job.id.in_(list(job_ids))))
+    return {row[0]: dict(zip(fields, row[1:], strict=True)) for row in rows}
 
 
 def is_cancel_requested(session: Session, job_id: uuid.UUID) -> bool:

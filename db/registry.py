@@ -51,6 +51,14 @@ def create_dataset(
     return dataset
 
 
+def dataset_usage(session: Session, tenant: str) -> tuple[int, int]:
+    """(stored datasets, their bytes) of one tenant, for its quotas."""
+    count, size = session.execute(
+        select(func.count(), func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant == tenant)
+    ).one()
+    return int(count), int(size)
+
+
 def get_dataset(session: Session, dataset_id: uuid.UUID, tenant: str) -> Dataset | None:
     """The tenant's dataset; another tenant's is as absent as a missing one."""
     dataset = session.get(Dataset, dataset_id)

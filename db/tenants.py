@@ -105,6 +105,13 @@ def revoke_key(session: Session, key: ApiKey) -> None:
     session.refresh(key)
 
 
+def lock_tenant(session: Session, tenant: str) -> None:
+    """Hold the tenant's row until the transaction ends, so a check of its usage and the insert
+    it allows are not interleaved with another's (a no-op UPDATE: a row lock on PostgreSQL, the
+    database's write lock on SQLite)."""
+    session.execute(update(Tenant).where(Tenant.name == tenant).values(name=Tenant.name))
+
+
 def webhook_secret(session: Session, tenant: str) -> str:
     return ensure_tenant(session, tenant).webhook_secret
 

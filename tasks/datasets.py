@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.classifier import MAX_LABELS
 from tasks.texts import unstorable
 
 MAX_TEXT_CHARS = 8192
@@ -68,15 +69,27 @@ def parse_jsonl(data: bytes, *, max_rows: int) -> ParsedDataset:
             obj = json.loads(raw, parse_constant=_reject_constant)
         except ValueError as exc:
             raise DatasetError(number, f"not valid JSON ({exc})") from None
+        except RecursionError:  # e.g. [[[[...]]]] thousands deep: Python's parser gives up
+            raise DatasetError(number, "not valid JSON (nested too deeply)") from None
         rows.append(check_row(obj, number))
     if not rows:
         raise DatasetError(1, "no rows")
-    labels = sorted({row["label"] for row in rows})
-    if len(labels) < 2:
-        raise DatasetError(1, "a classification dataset needs at least 2 distinct labels")
+    labels = sorted({row["label"] for row in rows if "label" in row})
+    if labels and (problem := label_problem(labels)):
+        raise DatasetError(1, problem)
     return ParsedDataset(
         rows=rows, labels=labels, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
     )
+
+
+def label_problem(labels: list[str]) -> str | None:
+    """Why training a classifier on these distinct labels would fail, known at upload (the
+    training job checks the same limits); None when it would not. Only for labelled rows."""
+    if len(labels) < 2:
+        return "a classification dataset needs at least 2 distinct labels"
+    if len(labels) > MAX_LABELS:
+        return f"{len(labels)} distinct labels; a classifier takes at most {MAX_LABELS}"
+    return None
 
 
 def _reject_constant(name: str) -> Any:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from tasks import classifier as clf
 from tasks.context import JobContext, JobError
+from tasks.datasets import label_problem
 from tasks.registry import JobKind
 from tasks.texts import Storable, Text
 from tensorq.core.files import atomic_write
@@ -67,12 +68,12 @@ class TrainParams(BaseModel):
         description="Inline rows, instead of dataset_id.",
     )
     epochs: int = Field(default=3, ge=1, le=50, strict=True)
-    learning_rate: float = Field(default=5e-5, ge=1e-6, le=1e-2, allow_inf_nan=False)
+    learning_rate: float = Field(default=5e-5, ge=1e-6, le=1e-2, allow_inf_nan=False, strict=True)
     batch_size: int = Field(default=16, ge=1, le=256, strict=True)
     max_seq_length: int = Field(
         default=64, ge=8, le=256, strict=True, description="Tokens per text; longer is cut."
     )
-    validation_split: float = Field(default=0.2, ge=0.0, le=0.5, allow_inf_nan=False)
+    validation_split: float = Field(default=0.2, ge=0.0, le=0.5, allow_inf_nan=False, strict=True)
     seed: int = Field(default=0, ge=0, le=2**32 - 1, strict=True)
     model_name: ModelName = Field(description="Name to register the trained model under.")
 
@@ -80,6 +81,13 @@ class TrainParams(BaseModel):
     def _one_source(self) -> TrainParams:
         if (self.dataset_id is None) == (self.data is None):
             raise ValueError("give exactly one of dataset_id and data")
+        return self
+
+    @model_validator(mode="after")
+    def _trainable_labels(self) -> TrainParams:
+        # Refused at submission, as an uploaded dataset is at upload, not as a failed job later.
+        if self.data is not None and (problem := label_problem(sorted({r.label for r in self.data}))):
+            raise ValueError(problem)
         return self
 
 

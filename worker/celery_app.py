@@ -14,7 +14,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from celery.signals import setup_logging, task_failure, worker_init, worker_process_init, worker_ready
+from celery.signals import (
+    setup_logging,
+    task_failure,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
 from db.jobs import fail_held_job
 from db.models import Job
@@ -22,6 +29,7 @@ from db.session import session_scope
 from tasks.registry import JobKind, all_kinds, get_kind
 from tensorq.core.broker import make_celery
 from tensorq.core.logs import configure_logging, job_context
+from tensorq.core.presence import Announcer
 from tensorq.core.settings import get_settings
 from worker.finished import FinishedJobs, skipping_strategy
 from worker.job_context import torch_device
@@ -128,9 +136,24 @@ def _prepare_main_process(sender: Any = None, **_: Any) -> None:
 _node: dict[str, str] = {}
 
 
+_announcer: list[Announcer] = []
+
+
 @worker_ready.connect
 def _remember_node(sender: Any = None, **_: Any) -> None:
     _node["name"] = sender.hostname
+    # From the main process: the queues this worker consumes, so the API can tell a job that
+    # requires a device no worker has (tensorq/core/presence.py).
+    queues = [q.name for q in sender.task_consumer.queues]
+    announcer = Announcer(get_settings().redis_url, sender.hostname, queues)
+    announcer.start()
+    _announcer.append(announcer)
+
+
+@worker_shutdown.connect
+def _stop_announcing(**_: Any) -> None:
+    while _announcer:
+        _announcer.pop().stop()
 
 
 @task_failure.connect

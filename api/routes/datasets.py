@@ -13,8 +13,8 @@ from api.auth import UNAUTHORIZED, current_principal
 from api.deps import get_session, get_settings
 from api.schemas import DatasetList, DatasetOut, ErrorOut
 from db.models import Dataset
-from db.registry import NAME, create_dataset, get_dataset, list_datasets
-from db.tenants import Principal
+from db.registry import NAME, create_dataset, dataset_usage, get_dataset, list_datasets
+from db.tenants import Principal, lock_tenant
 from tasks.datasets import DatasetError, parse_jsonl
 from tensorq.core.artifacts import ArtifactStore
 from tensorq.core.settings import Settings
@@ -48,7 +48,11 @@ def dataset_out(ds: Dataset) -> DatasetOut:
     response_model=DatasetOut,
     openapi_extra=JSONL_BODY,
     responses={
-        413: {"model": ErrorOut, "description": "Upload too large"},
+        413: {
+            "model": ErrorOut,
+            "description": "Upload too large, or over the tenant's stored-dataset quota "
+            "(`detail.limit` names the setting)",
+        },
         422: {"model": ErrorOut, "description": "A bad line; `detail[0].loc` is ['body', 'line', N]"},
     },
     summary="Upload a labelled text dataset (JSONL)",
@@ -77,6 +81,10 @@ def store_upload(session: Session, settings: Settings, tenant: str, name: str | 
     dataset_id = uuid.uuid4()
     store = ArtifactStore(settings.artifact_dir)
     relpath = store.dataset_relpath(dataset_id)
+    # Checked and inserted in one transaction holding the tenant's row: concurrent uploads of one
+    # tenant take turns, so together they cannot pass the quota.
+    lock_tenant(session, tenant)
+    check_quota(settings, tenant, *dataset_usage(session, tenant), len(data))
     # File first, row second, so a committed dataset always has its file. Written after the
     # commit instead, a crash or full disk in between would leave a dataset whose file is missing;
     # this way the worst case is a stray file, which names nothing (as in db/retention.py).
@@ -92,6 +100,21 @@ def store_upload(session: Session, settings: Settings, tenant: str, name: str | 
             store.path(relpath).unlink(missing_ok=True)
         raise
     return ds
+
+
+def check_quota(settings: Settings, tenant: str, count: int, used: int, size: int) -> None:
+    """413 naming the limit when one more dataset of `size` bytes would pass the tenant's quota."""
+    if count + 1 > settings.tenant_max_datasets:
+        limit, value = "TENSORQ_TENANT_MAX_DATASETS", settings.tenant_max_datasets
+        msg = f"tenant {tenant!r} stores {count} datasets; the quota is {value}"
+    elif used + size > settings.tenant_max_dataset_bytes:
+        limit, value = "TENSORQ_TENANT_MAX_DATASET_BYTES", settings.tenant_max_dataset_bytes
+        msg = (
+            f"tenant {tenant!r} stores {used} bytes of datasets; {size} more would pass the quota of {value}"
+        )
+    else:
+        return
+    raise HTTPException(status_code=413, detail={"msg": msg, "limit": limit, "quota": value, "used": used})
 
 
 def _maybe_committed(session: Session, dataset_id: uuid.UUID) -> bool:

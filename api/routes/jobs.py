@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import json
 import logging
+import threading
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -18,11 +21,20 @@ from api.auth import UNAUTHORIZED, current_principal
 from api.deps import get_events, get_publisher, get_session, get_settings
 from api.limits import check_limits
 from api.responses import model_response
-from api.schemas import ErrorOut, JobBatchCreate, JobBatchOut, JobCreate, JobList, JobOut
+from api.schemas import (
+    LISTED_PAYLOADS,
+    ErrorOut,
+    JobBatchCreate,
+    JobBatchOut,
+    JobCreate,
+    JobList,
+    JobOut,
+    JobSummary,
+)
 from db.batching import BatchKey, key_of
 from db.jobs import cancel_job, create_job, mark_unpublished
 from db.models import Job, JobStatus
-from db.queries import fetch_job, get_job, list_jobs
+from db.queries import encode_cursor, fetch_job, get_job, job_payloads, list_jobs
 from db.session import get_sessionmaker
 from db.snapshots import job_from_snapshot
 from db.tenants import Principal
@@ -50,6 +62,14 @@ SSE_KEEPALIVE_SECONDS = 15
 MAX_WAIT_S = 60.0
 # Jobs per page of GET /v1/jobs when the request names no `limit`.
 DEFAULT_PAGE = 50
+# Listings with `include` read payloads (inputs, results: up to ~1.3 MB of JSON a job) a few at a
+# time, this many bytes of JSON a read at most after the first, and at most this many such
+# listings build at once per process, so the API's memory is bounded whatever the concurrency:
+# about LIST_PAYLOAD_READERS x (TENSORQ_LIST_MAX_BYTES + the objects of one read), plus the
+# answers being sent.
+PAYLOAD_READ_BYTES = 512 * 1024
+LIST_PAYLOAD_READERS = 2
+_payload_readers = threading.BoundedSemaphore(LIST_PAYLOAD_READERS)
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
 
@@ -341,6 +361,9 @@ async def job_events(
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+INCLUDE_PATTERN = "^(input|result)(,(input|result))*$"
+
+
 @router.get("", response_model=JobList, summary="List jobs, newest first")
 def read_jobs(
     status: JobStatus | None = None,
@@ -351,6 +374,12 @@ def read_jobs(
         description=f"Jobs per page: {DEFAULT_PAGE} unless given, at most TENSORQ_LIST_PAGE_MAX (200 by default)",
     ),
     cursor: str | None = Query(default=None, max_length=200, description="next_cursor of the previous page"),
+    include: str | None = Query(
+        default=None,
+        pattern=INCLUDE_PATTERN,
+        description="`input`, `result` or `input,result`: add them to each job. A page then ends "
+        "where its JSON would pass TENSORQ_LIST_MAX_BYTES (4 MiB by default; at least one job).",
+    ),
     session: Session = Depends(get_session),
     settings: Settings = Depends(get_settings),
     principal: Principal = Depends(current_principal),
@@ -379,7 +408,59 @@ def read_jobs(
         raise RequestValidationError(
             [{"loc": ("query", "cursor"), "msg": "malformed cursor", "type": "value_error"}]
         ) from None
-    return model_response(JobList(items=[JobOut.from_row(j) for j in jobs], next_cursor=next_cursor))
+    fields = [f for f in LISTED_PAYLOADS if f in (include or "").split(",")]
+    if not fields:
+        return page_response(session, jobs, next_cursor, [], settings.list_max_bytes)
+    with _payload_readers:
+        response = page_response(session, jobs, next_cursor, fields, settings.list_max_bytes)
+        # The payloads' objects were freed, but glibc keeps such memory in the thread's arena; give
+        # it back, or each of the threadpool's threads would keep its largest listing's worth.
+        _trim_heap()
+    return response
+
+
+def _trim_heap() -> None:
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+try:
+    _malloc_trim: Callable[[int], int] | None = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _malloc_trim = None
+
+
+def page_response(
+    session: Session, jobs: list[Job], next_cursor: str | None, fields: list[str], max_bytes: int
+) -> Response:
+    """The page's JSON, built job by job: it ends before the job that would take it past
+    `max_bytes` (with a cursor to go on from there), so one answer stays under the bound."""
+    # Built in place: a list of parts joined at the end would hold the page twice.
+    body = bytearray(b'{"items":[')
+    reserve = 64  # the closing bytes and a cursor
+    count = 0
+    batch = 1
+    cut = False
+    while count < len(jobs) and not cut:
+        chunk = jobs[count : count + batch]
+        payloads = job_payloads(session, [j.id for j in chunk], fields) if fields else {}
+        for job in chunk:
+            part = JobSummary.from_row(job, payloads.pop(job.id, None)).model_dump_json().encode()
+            if count and len(body) + len(part) + 1 + reserve > max_bytes:
+                cut = True
+                break
+            if count:
+                body += b","
+            body += part
+            count += 1
+        del payloads, part
+        # Read as many payloads at once as fit PAYLOAD_READ_BYTES at the sizes seen so far.
+        batch = max(1, min(50, PAYLOAD_READ_BYTES * count // len(body)))
+    if cut:
+        last = jobs[count - 1]
+        next_cursor = encode_cursor(last.created_at, last.id)
+    body += b'],"next_cursor":' + json.dumps(next_cursor).encode() + b"}"
+    return Response(content=memoryview(body), media_type="application/json")
 
 
 @router.post(

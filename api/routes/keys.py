@@ -12,6 +12,8 @@ from api.auth import UNAUTHORIZED, admin_principal, current_principal
 from api.deps import get_session, get_settings
 from api.schemas import ErrorOut, KeyCreate, KeyCreated, KeyList, KeyOut, WebhookSecretOut
 from db.models import ApiKey
+from db.queries import count_active_jobs
+from db.registry import dataset_usage
 from db.tenants import (
     Principal,
     create_key,
@@ -38,6 +40,17 @@ class Limits(BaseModel):
     submit_burst: int
     max_batch_jobs: int
     max_texts_per_job: int
+    max_datasets: int = Field(description="TENSORQ_TENANT_MAX_DATASETS")
+    max_dataset_bytes: int = Field(description="TENSORQ_TENANT_MAX_DATASET_BYTES, all datasets together")
+    max_upload_bytes: int = Field(description="TENSORQ_DATASET_MAX_BYTES, one upload")
+    max_body_bytes: int = Field(description="TENSORQ_MAX_BODY_BYTES, any other request")
+    list_max_bytes: int = Field(description="TENSORQ_LIST_MAX_BYTES, one page of GET /v1/jobs")
+
+
+class Usage(BaseModel):
+    active_jobs: int = Field(description="Queued or running")
+    datasets: int
+    dataset_bytes: int
 
 
 class WhoAmI(BaseModel):
@@ -45,6 +58,7 @@ class WhoAmI(BaseModel):
     key_id: uuid.UUID
     admin: bool
     limits: Limits = Field(description="What this server allows the tenant")
+    usage: Usage = Field(description="What the tenant uses of them now")
 
 
 def key_out(row: ApiKey) -> KeyOut:
@@ -56,15 +70,24 @@ def key_out(row: ApiKey) -> KeyOut:
 
 @router.get("/whoami", response_model=WhoAmI, summary="The caller's tenant, key and limits")
 def whoami(
-    principal: Principal = Depends(current_principal), settings: Settings = Depends(get_settings)
+    principal: Principal = Depends(current_principal),
+    settings: Settings = Depends(get_settings),
+    session: Session = Depends(get_session),
 ) -> WhoAmI:
     s = settings
+    datasets, dataset_bytes = dataset_usage(session, principal.tenant)
     return WhoAmI(
         tenant=principal.tenant, key_id=principal.key_id, admin=principal.admin,
         limits=Limits(
             max_active_jobs=s.tenant_max_active_jobs, submit_rate_per_second=s.tenant_submit_rate,
             submit_burst=s.tenant_submit_burst, max_batch_jobs=s.max_batch_jobs,
-            max_texts_per_job=s.max_texts_per_job,
+            max_texts_per_job=s.max_texts_per_job, max_datasets=s.tenant_max_datasets,
+            max_dataset_bytes=s.tenant_max_dataset_bytes, max_upload_bytes=s.dataset_max_bytes,
+            max_body_bytes=s.max_body_bytes, list_max_bytes=s.list_max_bytes,
+        ),
+        usage=Usage(
+            active_jobs=count_active_jobs(session, principal.tenant), datasets=datasets,
+            dataset_bytes=dataset_bytes,
         ),
     )  # fmt: skip
 

@@ -1,6 +1,7 @@
 """Where a webhook may go: public addresses only, checked twice.
 
-At submission (`check_url`: literal addresses, `localhost`) and before every delivery
+At submission (`check_url`: literal addresses in any form the resolver accepts, `localhost` and
+its subdomains in any case, with or without a trailing dot) and before every delivery
 (`resolve_destination`: the host is resolved and the request goes to the checked address itself),
 so a DNS answer that changes in between cannot point a delivery inside the network.
 """
@@ -26,14 +27,29 @@ NAT64 = ipaddress.ip_network("64:ff9b::/96")
 IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 # Local-use NAT64 (RFC 8215): where the IPv4 address sits is the translator's choice, so it cannot be read.
 NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+# IPv4-translated (RFC 2765 SIIT, ::ffff:0:a.b.c.d): carries an IPv4 address as ::ffff:a.b.c.d does.
+IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
-    if ip in NAT64 or ip in IPV4_COMPATIBLE:
+    if ip in NAT64 or ip in IPV4_COMPATIBLE or ip in IPV4_TRANSLATED:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.teredo is not None:  # Teredo (2001::/32): judged by the client IPv4 address it reaches
+        return ip.teredo[1]
     return ip.sixtofour
+
+
+def _legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """What the C resolver makes of a host written as a legacy IPv4 number (`127.1`, `0x7f.0.0.1`,
+    `2130706433`, `0177.0.0.1`), which `ipaddress` does not parse; None for a real host name."""
+    if not host or not all(c in "0123456789abcdefx." for c in host) or not host[0].isdigit():
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def _allowed(ip: IPAddress, allowed: Sequence[IPNetwork]) -> bool:
@@ -58,10 +74,15 @@ def check_url(url: str, allowed: Sequence[IPNetwork]) -> str | None:
     host = parts.hostname
     if not host:
         return "has no host"
+    # urlsplit lowercases the host; a trailing dot names the same host (`LOCALHOST.`, `a.localhost.`).
+    bare = host.rstrip(".") if host.endswith(".") and not host.endswith("..") else host
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(bare)
     except ValueError:
-        if host == "localhost" or host.endswith(".localhost"):
+        legacy = _legacy_ipv4(bare)
+        if legacy is not None:
+            ip = legacy
+        elif bare == "localhost" or bare.endswith(".localhost"):
             ip = ipaddress.ip_address("127.0.0.1")
         else:
             try:

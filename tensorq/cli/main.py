@@ -42,6 +42,8 @@ def api(
     """Run the HTTP API."""
     import uvicorn
 
+    from api.server import protocol_class
+
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
@@ -50,8 +52,13 @@ def api(
         host=host or settings.api_host,
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
+        # uvicorn's own lines go through tensorq's handler, in the configured format (its default
+        # config printed them, tracebacks included, as plain text beside the JSON lines).
+        log_config=None,
         access_log=False,
         timeout_graceful_shutdown=30,
+        timeout_keep_alive=settings.keep_alive_timeout_seconds,
+        http=protocol_class(settings.request_header_timeout_seconds),
     )
 
 

@@ -158,8 +158,17 @@ def _submit_many_call(jobs: Sequence[tuple[str, dict[str, Any]]], device: Device
     return _Call("POST", "/v1/jobs:batch", json={"jobs": items})
 
 
-def _list_call(status: str | None, kind: str | None, limit: int, cursor: str | None) -> _Call:
-    params = {"status": status, "kind": kind, "limit": limit, "cursor": cursor}
+def _list_call(
+    status: str | None, kind: str | None, limit: int, cursor: str | None, include: Sequence[str] = ()
+) -> _Call:
+    # Listed jobs carry no input or result unless `include` names them ("input", "result").
+    params = {
+        "status": status,
+        "kind": kind,
+        "limit": limit,
+        "cursor": cursor,
+        "include": ",".join(include) or None,
+    }
     return _Call("GET", "/v1/jobs", params={k: v for k, v in params.items() if v is not None})
 
 
@@ -347,21 +356,24 @@ class Client:
         return job
 
     def list(
-        self, status: str | None = None, kind: str | None = None, limit: int = 50, cursor: str | None = None
-    ) -> dict[str, Any]:
-        """One page, newest first: `{"items": [job, ...], "next_cursor": str | None}`."""
-        page: dict[str, Any] = self._send(_list_call(status, kind, limit, cursor))
+        self, status: str | None = None, kind: str | None = None, limit: int = 50, cursor: str | None = None,
+        include: Sequence[str] = (),
+    ) -> dict[str, Any]:  # fmt: skip
+        """One page, newest first: `{"items": [job, ...], "next_cursor": str | None}`; jobs without
+        `input` and `result` unless `include` names them (the page may then hold fewer jobs)."""
+        page: dict[str, Any] = self._send(_list_call(status, kind, limit, cursor, include))
         return page
 
     def iter_jobs(
-        self, status: str | None = None, kind: str | None = None, page_size: int = 50
-    ) -> Iterator[Job]:
+        self, status: str | None = None, kind: str | None = None, page_size: int = 50,
+        include: Sequence[str] = (),
+    ) -> Iterator[Job]:  # fmt: skip
         """Every matching job, newest first, following `next_cursor` page by page (in pages no
         larger than the API allows, `TENSORQ_LIST_PAGE_MAX` there)."""
         cursor: str | None = None
         while True:
             try:
-                page = self.list(status=status, kind=kind, limit=page_size, cursor=cursor)
+                page = self.list(status=status, kind=kind, limit=page_size, cursor=cursor, include=include)
             except TensorqError as exc:
                 if (cap := page_cap(exc)) is None or cap >= page_size:
                     raise
@@ -479,18 +491,22 @@ class AsyncClient:
         return job
 
     async def list(
-        self, status: str | None = None, kind: str | None = None, limit: int = 50, cursor: str | None = None
-    ) -> dict[str, Any]:
-        page: dict[str, Any] = await self._send(_list_call(status, kind, limit, cursor))
+        self, status: str | None = None, kind: str | None = None, limit: int = 50, cursor: str | None = None,
+        include: Sequence[str] = (),
+    ) -> dict[str, Any]:  # fmt: skip
+        page: dict[str, Any] = await self._send(_list_call(status, kind, limit, cursor, include))
         return page
 
     async def iter_jobs(
-        self, status: str | None = None, kind: str | None = None, page_size: int = 50
-    ) -> AsyncIterator[Job]:
+        self, status: str | None = None, kind: str | None = None, page_size: int = 50,
+        include: Sequence[str] = (),
+    ) -> AsyncIterator[Job]:  # fmt: skip
         cursor: str | None = None
         while True:
             try:
-                page = await self.list(status=status, kind=kind, limit=page_size, cursor=cursor)
+                page = await self.list(
+                    status=status, kind=kind, limit=page_size, cursor=cursor, include=include
+                )
             except TensorqError as exc:
                 if (cap := page_cap(exc)) is None or cap >= page_size:
                     raise

@@ -24,9 +24,22 @@ class Settings(BaseSettings):
     api_port: int = 8000
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     list_page_max: int = Field(default=200, ge=1)
+    # GET /v1/jobs?include=result|input: rows are added to a page until its JSON would pass this
+    # many bytes (at least one job is always answered); the page then ends with a next_cursor.
+    list_max_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    # Seconds a client has to send a whole request body once its headers arrived (else 408).
+    request_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Seconds a client has to send a request's headers, from the connection opening or the end of
+    # the previous response on it (else the connection is closed); see api/server.py.
+    request_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Idle seconds a keep-alive connection is kept between requests (uvicorn's timeout_keep_alive).
+    keep_alive_timeout_seconds: int = Field(default=5, ge=1)
     # Dataset uploads (POST /v1/datasets) have their own, larger limits.
     dataset_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     dataset_max_rows: int = Field(default=200_000, ge=2)
+    # Per-tenant quotas on stored datasets (all uploads together): bytes and count. Over them: 413.
+    tenant_max_dataset_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
+    tenant_max_datasets: int = Field(default=100, ge=1)
 
     # Per-request limits (a job's texts are also capped by its kind's schema; these may only lower them).
     max_texts_per_job: int = Field(default=256, ge=1, le=256)
@@ -37,6 +50,11 @@ class Settings(BaseSettings):
     tenant_max_active_jobs: int = Field(default=10_000, ge=1)
     tenant_submit_rate: float = Field(default=200.0, gt=0)
     tenant_submit_burst: int = Field(default=2000, ge=1)
+
+    # A job asking for device "gpu" or "cpu" is refused (422 naming `device`) when no live worker
+    # consumes its queue: workers announce their queues in Redis every few seconds (see
+    # tensorq/core/presence.py), and the API caches what it read this many seconds.
+    worker_presence_cache_seconds: float = Field(default=5.0, ge=0)
 
     # Webhooks: destinations that resolve to private, loopback or link-local addresses are refused
     # unless inside one of these networks (CIDR, e.g. ["10.1.0.0/16"]).

@@ -42,10 +42,12 @@ def owned(service: Service) -> Iterator[Owned]:
     b = service.client(service.new_key(f"globex-{suffix}", admin=True))
     job = a.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["acme's text"]}}).json()["id"]
     wait_job(a, job)
-    # A job no worker serves (it requires a GPU), so it stays queued and cancellable.
-    queued = a.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["q"]}, "device": "gpu"}).json()[
-        "id"
-    ]
+    # A job no worker serves (it requires a GPU, which the API now refuses at submission when no
+    # GPU worker runs), written past the API, so it stays queued and cancellable.
+    queued = insert_queued_row(
+        service.env["TENSORQ_DATABASE_URL"], f"acme-{suffix}", "embed", {"texts": ["q"]}, published=True,
+        queue="gpu.inference",
+    )  # fmt: skip
     dataset = a.post("/v1/datasets", content=ROWS, params={"name": "acme-rows"}).json()["id"]
     model = f"secret-{suffix}"
     url = Settings(database_url=service.env["TENSORQ_DATABASE_URL"]).sqlalchemy_url

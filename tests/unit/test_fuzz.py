@@ -59,3 +59,47 @@ def test_api_never_answers_5xx_and_errors_are_json(case: schemathesis.Case) -> N
             :200
         ]
         assert "detail" in response.json()
+
+
+def _b64(raw: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+# Inputs random generation rarely reaches: crafted cursors and JSONL bodies (each was a 500 once).
+CRAFTED = [
+    (
+        "GET",
+        "/v1/jobs",
+        {"params": {"cursor": _b64("0001-01-01T00:00:00+14:00|" + "0" * 8 + "-0000-0000-0000-" + "0" * 12)}},
+    ),
+    (
+        "GET",
+        "/v1/jobs",
+        {"params": {"cursor": _b64("9999-12-31T23:59:59-14:00|00000000-0000-0000-0000-000000000000")}},
+    ),
+    ("GET", "/v1/jobs", {"params": {"cursor": _b64("2026-01-01T00:00:00|not-a-uuid")}}),
+    ("GET", "/v1/jobs", {"params": {"cursor": "%%%"}}),
+    ("POST", "/v1/datasets", {"content": b"[" * 5000 + b"]" * 5000}),
+    ("POST", "/v1/datasets", {"content": b'{"text": "a", "label": ' + b"{" * 100000 + b"\n"}),
+    ("POST", "/v1/datasets", {"content": b'{"text": "a", "label": "x"}\n' * 2}),
+    ("POST", "/v1/datasets", {"content": b"\xff\xfe"}),
+    (
+        "POST",
+        "/v1/jobs",
+        {"content": b"[" * 5000 + b"]" * 5000, "headers": {"content-type": "application/json"}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs"), CRAFTED)
+def test_crafted_cursors_and_jsonl_bodies_are_4xx_json(
+    method: str, path: str, kwargs: dict[str, object]
+) -> None:
+    with TestClient(app, raise_server_exceptions=False) as client:
+        headers = {**AUTH, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
+        response = client.request(method, path, headers=headers, **kwargs)  # type: ignore[arg-type]
+    assert 400 <= response.status_code < 500, (path, response.status_code, response.text[:300])
+    assert response.headers["content-type"].startswith("application/json")
+    assert "detail" in response.json()

@@ -190,10 +190,25 @@ def test_kinds_are_registered_and_import_without_torch() -> None:
 
 
 def test_a_single_label_is_an_invalid_dataset() -> None:
-    p = TrainParams.model_validate(params(data=[{"text": "a", "label": "x"}, {"text": "b", "label": "x"}]))
+    # Stored rows reach the job unchecked by the schema (a dataset stored before the upload check).
+    ctx = JobContext(
+        load_dataset=lambda dataset_id: [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}]
+    )
     with pytest.raises(JobError) as err:
-        train(p, JobContext())
+        train(TrainParams(dataset_id="d1", model_name="m"), ctx)
     assert err.value.error_type == "InvalidDataset"
+
+
+def test_inline_rows_with_one_label_or_too_many_are_refused_at_submission() -> None:
+    from pydantic import ValidationError
+
+    from tasks.classifier import MAX_LABELS
+
+    one = [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}]
+    many = [{"text": f"t{i}", "label": f"l{i}"} for i in range(MAX_LABELS + 1)]
+    for rows, words in ((one, "at least 2"), (many, f"at most {MAX_LABELS}")):
+        with pytest.raises(ValidationError, match=words):
+            TrainParams.model_validate(params(data=rows))
 
 
 def test_stored_rows_are_checked_like_inline_ones() -> None:
