@@ -6,7 +6,17 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    StringConstraints,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from db.models import Job, JobStatus, WebhookState
 from tasks.registry import all_kinds
@@ -30,6 +40,10 @@ class JobOut(BaseModel):
     kind: str
     status: JobStatus
     model: str | None
+    model_version: int | None = Field(
+        description="The registered version the job runs on: assigned at submission for name@alias "
+        "(by the alias's split) and name:N; for a bare name, the latest version it ran on, once finished."
+    )
     queue: str = Field(description="inference, training, or gpu./cpu.-prefixed when a device was required")
     input: dict[str, Any]
     progress: dict[str, Any] | None
@@ -58,6 +72,7 @@ class JobOut(BaseModel):
             kind=job.kind,
             status=job.status,
             model=job.model,
+            model_version=job.model_version if job.model_version is not None else ran_version(job),
             queue=job.queue,
             input=job.params,
             progress=job.progress,
@@ -94,6 +109,9 @@ class JobSummary(BaseModel):
     kind: str
     status: JobStatus
     model: str | None
+    model_version: int | None = Field(
+        default=None, description="The version assigned at submission (an alias's split, or name:N)."
+    )
     queue: str
     input: dict[str, Any] | None = Field(default=None, description="Only with include=input.")
     progress: dict[str, Any] | None
@@ -117,7 +135,7 @@ class JobSummary(BaseModel):
         if job.error_type is not None:
             error = JobErrorOut(type=job.error_type, message=job.error_message or "")
         return cls(
-            id=job.id, kind=job.kind, status=job.status, model=job.model, queue=job.queue,
+            id=job.id, kind=job.kind, status=job.status, model=job.model, model_version=job.model_version, queue=job.queue,
             progress=job.progress, error=error, metrics=job.metrics, attempts=job.attempts,
             max_attempts=job.max_attempts, cancel_requested=job.cancel_requested, worker=job.worker,
             device=job.device, created_at=job.created_at, started_at=job.started_at,
@@ -131,6 +149,16 @@ def _webhook_out(job: Job) -> WebhookOut | None:
     return WebhookOut(
         url=job.webhook_url, state=job.webhook_state, attempts=job.webhook_attempts, error=job.webhook_error
     )
+
+
+def ran_version(job: Job) -> int | None:
+    """The version an inference job resolved when it ran (its result's `version`), for jobs not
+    assigned one at submission."""
+    kind = all_kinds().get(job.kind)
+    version = (job.result or {}).get("version")
+    if kind is None or kind.category != "inference" or not isinstance(version, int):
+        return None
+    return version
 
 
 class JobList(BaseModel):
@@ -240,11 +268,62 @@ class ModelList(BaseModel):
     items: list[ModelOut]
 
 
-class AliasIn(BaseModel):
+VersionNumber = Annotated[int, Field(strict=True, ge=1, le=999_999_999)]
+VersionKey = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,8}$")]
+Percent = Annotated[int, Field(strict=True, ge=1, le=100)]
+MAX_SPLIT_VERSIONS = 4
+
+
+class ShadowIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Strict: "1" is not a version (a string is never coerced into a security-relevant number or flag).
-    version: int = Field(ge=1, le=999_999_999, strict=True)
+    version: VersionNumber = Field(description="A registered version outside the split")
+    percent: Percent = Field(description="The share of the alias's jobs that also run on it")
+
+
+class GuardIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_failure_rate: float = Field(strict=True, ge=0, le=1, description="0 to 1")
+    min_jobs: int = Field(
+        strict=True, ge=1, le=1_000_000, description="Jobs of a candidate before it is judged"
+    )
+
+
+class AliasIn(BaseModel):
+    """`{"version": 3}`, or `{"split": {"3": 90, "4": 10}}`; either with an optional shadow, a
+    split with an optional guard. Integers are strict: "3" is not 3."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: VersionNumber | None = None
+    split: dict[VersionKey, Percent] | None = Field(
+        default=None,
+        description=f"version -> integer percentage, summing to 100, at most {MAX_SPLIT_VERSIONS} versions",
+    )
+    shadow: ShadowIn | None = None
+    guard: GuardIn | None = Field(
+        default=None, description="Roll the split back when a candidate fails more often than this"
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _split_adds_up(cls, split: dict[str, int] | None) -> dict[str, int] | None:
+        if split is None:
+            return None
+        if not 1 <= len(split) <= MAX_SPLIT_VERSIONS:
+            raise ValueError(f"1 to {MAX_SPLIT_VERSIONS} versions")
+        if sum(split.values()) != 100:
+            raise ValueError(f"percentages must sum to 100, not {sum(split.values())}")
+        return split
+
+    @model_validator(mode="after")
+    def _one_assignment(self) -> AliasIn:
+        if (self.version is None) == (self.split is None):
+            raise PydanticCustomError("version_or_split", "give either version or split")
+        if self.guard is not None and self.split is None:
+            raise PydanticCustomError("guard_needs_split", "a guard needs a split")
+        return self
 
 
 class KeyOut(BaseModel):
@@ -279,6 +358,57 @@ class WebhookSecretOut(BaseModel):
 
 
 class AliasOut(BaseModel):
+    """What PUT answers; split, shadow and guard only when set (a plain version answers as before)."""
+
+    model: str
+    alias: str
+    version: int = Field(description="The one version, or the split's baseline (its largest share)")
+    split: dict[str, int] | None = None
+    shadow: dict[str, int] | None = None
+    guard: dict[str, Any] | None = None
+
+
+class AliasChangeOut(BaseModel):
+    action: str = Field(description="set, rollback (by a key) or auto-rollback (by the guard)")
+    from_: dict[str, Any] | None = Field(
+        serialization_alias="from", description="The assignment before; null for a new alias"
+    )
+    to: dict[str, Any]
+    at: datetime
+    key_id: uuid.UUID | None = Field(description="The API key that made the change; null for the guard")
+    reason: str | None
+    revision: int
+
+
+class VersionStatsOut(BaseModel):
+    version: int
+    role: str = Field(description="baseline, candidate, shadow, or other (assigned earlier in the window)")
+    percent: int = Field(description="Its share of the alias's new jobs now")
+    jobs: int
+    by_status: dict[str, int]
+    failure_rate: float | None = Field(description="failed / (succeeded + failed)")
+    run_ms: dict[str, float | int | None] = Field(
+        description="p50, p95 (started to finished) and the sample size"
+    )
+    labels: dict[str, int] = Field(description="Top labels predicted (classifiers), over the same sample")
+    shadow: dict[str, Any] | None = Field(description="As a shadow: runs, failed, mean agreement")
+
+
+class AliasDetailOut(BaseModel):
     model: str
     alias: str
     version: int
+    split: dict[str, int]
+    shadow: dict[str, int] | None
+    guard: dict[str, Any] | None
+    revision: int
+    updated_at: datetime
+    window_seconds: float
+    stats: list[VersionStatsOut]
+    history: list[AliasChangeOut] = Field(description="Newest first")
+
+
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, StringConstraints(max_length=500), Storable] | None = None

@@ -75,6 +75,8 @@ def create_job(
     webhook_url: str | None = None,
     job_id: uuid.UUID | None = None,
     batch_cost: int = 1,
+    model_version: int | None = None,
+    shadow_version: int | None = None,
 ) -> Job:
     now = utcnow()
     # published_at is set optimistically: the caller publishes right after commit and clears it
@@ -84,6 +86,8 @@ def create_job(
         tenant=tenant,
         kind=kind,
         model=model,
+        model_version=model_version,
+        shadow_version=shadow_version,
         queue=queue,
         status=JobStatus.QUEUED,
         params=params,

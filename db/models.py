@@ -13,6 +13,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -120,6 +121,12 @@ class Job(Base):
     tenant: Mapped[str] = mapped_column(TENANT)
     kind: Mapped[str] = mapped_column(String(64))
     model: Mapped[str | None] = mapped_column(String(200))
+    # The registered version assigned at submission when `model` names one through an alias (its
+    # split decides, by the job's id; see db/rollouts.py) or by number; kept through retries, and
+    # part of the batching key. NULL: resolved when the job runs (`name`, the latest version).
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    # The alias's shadow version, when this job was picked to run on it too (after its own commit).
+    shadow_version: Mapped[int | None] = mapped_column(Integer)
     queue: Mapped[str] = mapped_column(String(64))
     status: Mapped[JobStatus] = mapped_column(
         Enum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
@@ -166,6 +173,8 @@ class Job(Base):
         Index("ix_jobs_kind_created", "kind", "created_at", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_status_published", "status", "published_at"),
+        # Per-version statistics and rollout guards: one alias's jobs of one version, by time.
+        Index("ix_jobs_tenant_model_version_created", "tenant", "model", "model_version", "created_at"),
     )
 
 
@@ -236,11 +245,63 @@ class ModelEvaluation(Base):
 
 
 class ModelAlias(Base):
-    """A movable name for one version of a model, e.g. `production`."""
+    """A movable name for a model's versions, e.g. `production`: one version, or a split of jobs
+    between up to four (a canary), optionally with a shadow version and a rollback guard."""
 
     __tablename__ = "model_aliases"
 
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
     alias: Mapped[str] = mapped_column(String(63), primary_key=True)
+    # The baseline: the one version, or the split's largest share (the lower version on a tie).
     version: Mapped[int] = mapped_column(Integer)
+    # {"3": 90, "4": 10}: percentages by version, summing to 100; NULL means {version: 100}.
+    split: Mapped[dict[str, Any] | None]
+    # {"version": 5, "percent": 20}: that share of the alias's jobs also runs on this version.
+    shadow: Mapped[dict[str, Any] | None]
+    # {"max_failure_rate": 0.05, "min_jobs": 20}: roll the split back when a candidate trips it.
+    guard: Mapped[dict[str, Any] | None]
+    # Bumped by every change: rollbacks are conditional on the revision they saw (one wins).
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class AliasChange(Base):
+    """One change of an alias's assignment: who (an API key, or the guard), when, why."""
+
+    __tablename__ = "model_alias_history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    alias: Mapped[str] = mapped_column(String(63))
+    action: Mapped[str] = mapped_column(String(16))  # set, rollback, auto-rollback
+    # Assignments as {"split": {...}, "shadow": ..., "guard": ...}; from is NULL for a new alias.
+    from_assignment: Mapped[dict[str, Any] | None]
+    to_assignment: Mapped[dict[str, Any]]
+    key_id: Mapped[uuid.UUID | None]  # the API key that made it; NULL for the guard
+    reason: Mapped[str | None] = mapped_column(Text)
+    revision: Mapped[int] = mapped_column(Integer)  # the alias's revision after the change
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_model_alias_history_alias", "model_id", "alias", "id"),)
+
+
+class ShadowRun(Base):
+    """A job's run on its alias's shadow version, after its own result was committed: kept apart
+    from the job's result and never returned as it; `agreement` compares the two."""
+
+    __tablename__ = "shadow_runs"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tenant: Mapped[str] = mapped_column(TENANT)
+    model: Mapped[str] = mapped_column(String(200))  # the job's reference, e.g. sentiment@production
+    version: Mapped[int] = mapped_column(Integer)  # the shadow version
+    primary_version: Mapped[int | None] = mapped_column(Integer)  # the version the job ran on
+    ok: Mapped[bool] = mapped_column(Boolean)
+    # Classifiers: the share of texts with the same top label; embedders: the mean cosine.
+    agreement: Mapped[float | None] = mapped_column(Float)
+    output: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    run_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_shadow_runs_tenant_model_created", "tenant", "model", "created_at"),)

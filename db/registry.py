@@ -176,6 +176,7 @@ def versions_of(session: Session, model: Model) -> list[ModelVersion]:
 
 
 def aliases_of(session: Session, model: Model) -> dict[str, int]:
+    """alias -> its version (a split's baseline)."""
     rows = session.scalars(select(ModelAlias).where(ModelAlias.model_id == model.id))
     return {a.alias: a.version for a in rows}
 
@@ -191,7 +192,7 @@ def resolve(session: Session, tenant: str, ref: str) -> ModelVersion:
         alias = session.get(ModelAlias, (model.id, parsed.alias))
         if alias is None:
             raise RegistryError(f"model {parsed.name!r} has no alias {parsed.alias!r}")
-        version = alias.version
+        version = alias.version  # a split's baseline; jobs are assigned theirs (db.rollouts.assign)
     stmt = select(ModelVersion).where(ModelVersion.model_id == model.id)
     stmt = (
         stmt.where(ModelVersion.version == version) if version else stmt.order_by(ModelVersion.version.desc())
@@ -202,23 +203,14 @@ def resolve(session: Session, tenant: str, ref: str) -> ModelVersion:
     return found
 
 
-def set_alias(session: Session, tenant: str, name: str, alias: str, version: int) -> ModelAlias:
-    if not NAME_RE.match(alias):
-        raise ValueError(f"not an alias name: {alias!r}")
-    model = get_model(session, tenant, name)
-    if model is None:
-        raise RegistryError(f"no model named {name!r}")
-    exists = session.scalar(
-        select(ModelVersion.id).where(ModelVersion.model_id == model.id, ModelVersion.version == version)
-    )
-    if exists is None:
-        raise RegistryError(f"model {name!r} has no version {version}")
-    row = session.get(ModelAlias, (model.id, alias))
-    if row is None:
-        row = ModelAlias(model_id=model.id, alias=alias, version=version, updated_at=utcnow())
-        session.add(row)
-    else:
-        row.version = version
-        row.updated_at = utcnow()
-    session.flush()
-    return row
+def set_alias(
+    session: Session, tenant: str, name: str, alias: str, version: int, *, key_id: uuid.UUID | None = None
+) -> ModelAlias:
+    """Point the alias at one version (a split, shadow or guard: `db.rollouts.set_assignment`),
+    with a row of history. RegistryError when the model or the version does not exist."""
+    from db.rollouts import Assignment, AssignmentError, set_assignment  # rollouts builds on this module
+
+    try:
+        return set_assignment(session, tenant, name, alias, Assignment.single(version), key_id=key_id)
+    except AssignmentError as exc:
+        raise RegistryError(exc.message) from None

@@ -4,6 +4,7 @@ follows from them (released jobs republished after a backoff, work directories c
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import uuid
 from collections.abc import Callable
@@ -16,11 +17,14 @@ from db import registry
 from db.jobs import Outcome, finish_job, finish_jobs, no_attempts_left, release_job
 from db.models import TEXT_CLASSIFIER, Job, JobStatus, utcnow
 from db.queries import get_job
+from db.rollouts import check_guard
 from db.session import session_scope
 from db.snapshots import job_snapshot
 from tasks.registry import JobKind
 from tensorq.core.artifacts import ArtifactStore
 from tensorq.core.backoff import backoff_delay
+
+log = logging.getLogger(__name__)
 
 Republish = Callable[[Job, float], None]
 
@@ -142,6 +146,31 @@ class Committer:
             device=str(evaluation["device"]),
             job_id=outcome.job_id,
         )
+
+    def check_guards(self, jobs: list[Job], outcomes: list[Outcome], written: set[uuid.UUID]) -> None:
+        """After jobs assigned through an alias failed: let the alias's guard judge their versions
+        (only failures can raise a failure rate). Advisory: an error here is logged, not raised."""
+        by_id = {job.id: job for job in jobs}
+        failed = {
+            (job.tenant, job.model, job.model_version)
+            for o in outcomes
+            if o.status == JobStatus.FAILED and o.job_id in written
+            and (job := by_id.get(o.job_id)) is not None and job.model is not None and "@" in job.model
+            and job.model_version is not None
+        }  # fmt: skip
+        for tenant, ref, version in sorted(failed):
+            assert ref is not None and version is not None
+            try:
+                with session_scope(self.database_url) as session:
+                    rolled = check_guard(session, tenant, ref, version)
+            except Exception:
+                log.warning("guard check of %s version %s failed", ref, version, exc_info=True)
+                continue
+            if rolled is not None:
+                log.warning(
+                    "%s: version %d tripped the alias's guard; rolled back to %s", ref, version,
+                    rolled.split or {str(rolled.version): 100},
+                )  # fmt: skip
 
     def publish_released(self, job_ids: list[uuid.UUID]) -> None:
         """Jobs given back after a transient error go out again after an exponential, jittered delay."""

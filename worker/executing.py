@@ -14,11 +14,11 @@ from pydantic import BaseModel, ValidationError
 
 from db.jobs import Outcome
 from db.models import Job, JobStatus
-from tasks.context import JobCancelled, JobError, JobTimeout
+from tasks.context import JobCancelled, JobContext, JobError, JobTimeout
 from tasks.registry import JobKind
 from tensorq.core.settings import Settings
 from worker import metrics
-from worker.job_context import JobContexts
+from worker.job_context import JobContexts, pins_of
 from worker.retry import is_transient
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,20 @@ class Executor:
                 valid.append((job, kind.params.model_validate(job.params)))
             except ValidationError as exc:
                 outcomes.append(outcome_of_error(job, exc))
-        # Claims batch one tenant's jobs together unless the kind reads no tenant data.
-        ctx = self.contexts.shared(jobs[0].tenant if kind.reads_tenant_data else None)
+        # Claims batch one tenant's jobs together unless the kind reads no tenant data, and jobs of
+        # one model version (db.batching); a group named by an older message may still mix them.
+        tenant = jobs[0].tenant if kind.reads_tenant_data else None
+        for pinned in dict.fromkeys((job.model, job.model_version) for job, _ in valid):
+            group = [(job, params) for job, params in valid if (job.model, job.model_version) == pinned]
+            outcomes += self.run_group(kind, group, self.contexts.shared(tenant, pins_of(group[0][0])))
+        return outcomes
+
+    def run_group(
+        self, kind: JobKind[Any, Any], valid: list[tuple[Job, BaseModel]], ctx: JobContext
+    ) -> list[Outcome]:
+        """Jobs that may share a forward pass, through it in chunks of at most batch_max_texts."""
+        assert kind.run_batch is not None
+        outcomes: list[Outcome] = []
         for chunk, texts in chunks_by_cost(valid, kind, self.settings.batch_max_texts):
             started = time.perf_counter()
             try:

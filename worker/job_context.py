@@ -77,6 +77,13 @@ class ProgressWriter:
         self._last_write = time.monotonic()
 
 
+def pins_of(job: Job, version: int | None = None) -> dict[str, int]:
+    """The job's model reference pinned to its assigned version (or to `version`, for a shadow
+    run); none when the job was assigned none (the reference is resolved as it stands)."""
+    version = job.model_version if version is None else version
+    return {} if job.model is None or version is None else {job.model: version}
+
+
 class JobContexts:
     """Makes the context for a batch, a warm-up, or one job of a tenant."""
 
@@ -96,17 +103,18 @@ class JobContexts:
         self.events = events
         self.store = store
 
-    def shared(self, tenant: str | None) -> JobContext:
+    def shared(self, tenant: str | None, pins: dict[str, int] | None = None) -> JobContext:
         """For batches and warm-up: shared resources, no per-job progress or cancellation.
 
-        Datasets and registered models are looked up in `tenant`'s namespace only (none without)."""
+        Datasets and registered models are looked up in `tenant`'s namespace only (none without).
+        `pins` maps a model reference to the version it resolves to here (`pins_of`)."""
         if tenant is None:
             return JobContext(device=self.device, models=self.models)
         return JobContext(
             device=self.device,
             models=self.models,
             load_dataset=functools.partial(self.load_dataset, tenant),
-            resolve_model=functools.partial(self.resolve_model, tenant),
+            resolve_model=functools.partial(self.resolve_model, tenant, pins=pins or {}),
         )
 
     def for_job(self, job: Job) -> tuple[JobContext, ProgressWriter]:
@@ -116,7 +124,7 @@ class JobContexts:
             self.database_url, job.id, job.claim_token, interval=1.0, events=self.events
         )
         ctx = dataclasses.replace(
-            self.shared(job.tenant),
+            self.shared(job.tenant, pins_of(job)),
             job_id=str(job.id),
             work_dir=self.store.job_dir(job.id),
             attempt=job.attempts,
@@ -158,11 +166,15 @@ class JobContexts:
         except (OSError, UnsafePath, DatasetError) as exc:
             raise JobError("DatasetUnreadable", f"dataset {dataset_id}: {exc}") from None
 
-    def resolve_model(self, tenant: str, ref: str) -> ResolvedModel:
+    def resolve_model(self, tenant: str, ref: str, pins: dict[str, int] | None = None) -> ResolvedModel:
+        """The version `ref` names in the tenant's registry; one pinned for the job (the version
+        assigned to it at submission, or a shadow run's) whatever the alias says now."""
         try:
+            name = registry.parse_ref(ref).name
+            if pins and ref in pins:
+                ref = f"{name}:{pins[ref]}"
             with session_scope(self.database_url) as session:
                 version = registry.resolve(session, tenant, ref)
-                name = registry.parse_ref(ref).name
             return ResolvedModel(
                 name=name, version=version.version, path=self.store.path(version.artifact_path)
             )

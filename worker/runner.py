@@ -7,7 +7,8 @@ claimed together with other queued jobs that may share its forward pass (`db.bat
 of a batch are written in one transaction. Messages for jobs that joined another message's batch
 find them finished (or held by a live lease) and are acknowledged as duplicates.
 
-The steps live apart: `claiming`, `executing` (with `job_context`, what kinds see) and `committing`.
+The steps live apart: `claiming`, `executing` (with `job_context`, what kinds see) and `committing`;
+after the commit, `shadowing` runs jobs their alias picked on its shadow version too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from worker.job_context import JobContexts
 from worker.leases import LeaseKeeper
 from worker.model_cache import ModelCache
 from worker.retry import with_retries
+from worker.shadowing import Shadows
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class Runner:
         self.claimer = Claimer(settings)
         self.executor = Executor(settings, self.contexts, timeout_errors)
         self.committer = Committer(settings.sqlalchemy_url, store, republish)
+        self.shadows = Shadows(settings.sqlalchemy_url, self.contexts)
 
     def context(self, tenant: str | None) -> JobContext:
         return self.contexts.shared(tenant)
@@ -104,6 +107,9 @@ class Runner:
             metrics.in_flight.dec(len(jobs))
             for job in jobs:
                 self.leases.release(job.id)
+        # The jobs are final and announced: now the rollout's guards, then shadow runs.
+        self.committer.check_guards(jobs, outcomes, written)
+        self.shadows.run(kind, jobs, outcomes, written)
         for outcome in outcomes:
             if outcome.job_id not in written:
                 log.warning(

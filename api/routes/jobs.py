@@ -35,6 +35,7 @@ from db.batching import BatchKey, key_of
 from db.jobs import cancel_job, create_job, mark_unpublished
 from db.models import Job, JobStatus
 from db.queries import encode_cursor, fetch_job, get_job, job_payloads, list_jobs
+from db.rollouts import assign
 from db.session import get_sessionmaker
 from db.snapshots import job_from_snapshot
 from db.tenants import Principal
@@ -204,6 +205,11 @@ def store_job(
     session: Session, body: Any, settings: Settings, principal: Principal, job_id: uuid.UUID | None = None
 ) -> Job:
     kind = get_kind(body.kind)
+    job_id = job_id or uuid.uuid4()
+    model = kind.model_of(body.input)
+    # A registered model named through an alias gets its version (and shadow) now, by the job's id.
+    registered = kind.category == "inference" and kind.reads_tenant_data
+    version, shadow = assign(session, principal.tenant, model, job_id) if registered else (None, None)
     return create_job(
         session,
         job_id=job_id,
@@ -212,9 +218,11 @@ def store_job(
         params=body.input.model_dump(mode="json"),
         queue=queue_for(kind.category, body.device),
         max_attempts=settings.max_attempts,
-        model=kind.model_of(body.input),
+        model=model,
         webhook_url=None if body.webhook is None else str(body.webhook),
         batch_cost=kind.batch_cost(body.input),
+        model_version=version,
+        shadow_version=shadow,
     )
 
 

@@ -1,7 +1,7 @@
 """model versions: task, parent and lineage; model_evaluations
 
 Revision ID: 0010
-Revises: 0006
+Revises: 0009
 Create Date: 2026-12-01 10:20:00
 
 A version is a text classifier, a masked-LM encoder or an embedder, made from a parent version
@@ -18,7 +18,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0010"
-down_revision: str | None = "0006"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

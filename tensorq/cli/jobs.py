@@ -1,4 +1,4 @@
-"""`tensorq submit|status|wait|cancel|jobs|models`: the HTTP API from the shell, via tensorq.client.
+"""`tensorq submit|status|wait|cancel|jobs|models [split|rollback|history]`: the HTTP API from the shell, via tensorq.client.
 
 `register(app)` adds the commands to the main typer app. Every command takes `--api-url`
 (default http://TENSORQ_API_HOST:TENSORQ_API_PORT) and `--json`, which prints only JSON on stdout.
@@ -21,6 +21,7 @@ from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from tensorq.client import Client, Job, TensorqError, WaitTimeout
 
@@ -389,30 +390,56 @@ def jobs(
     stdout_console().print(table)
 
 
-def models(
-    name: Annotated[str | None, typer.Argument(help="One model's versions")] = None,
-    as_json: AsJson = False,
-    api_url: ApiUrl = None,
-) -> None:
-    """Registered models, or one model's versions and aliases."""
+class ModelsGroup(TyperGroup):
+    """`tensorq models` lists the models and `tensorq models NAME` shows one (as before there were
+    subcommands); `split`, `rollback` and `history` act on an alias. `show NAME` names a model
+    that shares a subcommand's name."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:  # typer's own click types
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            return "show", self.commands["show"], args
+        return super().resolve_command(ctx, args)
+
+
+models_app = typer.Typer(
+    cls=ModelsGroup, invoke_without_command=True, no_args_is_help=False,
+    help="Registered models; an alias's splits, shadow, guard, rollback and history.",
+)  # fmt: skip
+
+
+@models_app.callback(epilog=EXIT_CODES)
+def models(ctx: typer.Context, as_json: AsJson = False, api_url: ApiUrl = None) -> None:
+    """Registered models (`models NAME`: one model's versions and aliases)."""
+    if ctx.invoked_subcommand is not None:
+        return
     with api(api_url) as client:
-        found: Any = client.model(name) if name is not None else client.models()
+        found = client.models()
+    if as_json:
+        print_json(found)
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for column in ("NAME", "LATEST", "VERSIONS", "ALIASES", "VAL_ACCURACY", "CREATED"):
+        table.add_column(column)
+    for m in found:
+        latest = m["versions"][-1] if m["versions"] else {}
+        table.add_row(
+            m["name"], str(m["latest_version"] or ""), str(len(m["versions"])), aliases_text(m["aliases"]),
+            metric(latest.get("metrics", {}), "val_accuracy"), timestamp(m["created_at"]),
+        )  # fmt: skip
+    stdout_console().print(table)
+
+
+@models_app.command("show", epilog=EXIT_CODES)
+def show_model(
+    name: Annotated[str, typer.Argument(help="The model")], as_json: AsJson = False, api_url: ApiUrl = None
+) -> None:
+    """One model's versions and aliases."""
+    with api(api_url) as client:
+        found = client.model(name)
     if as_json:
         print_json(found)
         return
     console = stdout_console()
-    if name is None:
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-        for column in ("NAME", "LATEST", "VERSIONS", "ALIASES", "VAL_ACCURACY", "CREATED"):
-            table.add_column(column)
-        for m in found:
-            latest = m["versions"][-1] if m["versions"] else {}
-            table.add_row(
-                m["name"], str(m["latest_version"] or ""), str(len(m["versions"])), aliases_text(m["aliases"]),
-                metric(latest.get("metrics", {}), "val_accuracy"), timestamp(m["created_at"]),
-            )  # fmt: skip
-        console.print(table)
-        return
     console.print(
         f"{found['name']}  latest {found['latest_version']}  aliases {aliases_text(found['aliases'])}"
     )
@@ -429,6 +456,138 @@ def models(
     console.print(table)
 
 
+def parse_split(shares: list[str]) -> dict[int, int]:
+    split: dict[int, int] = {}
+    for share in shares:
+        version, sep, percent = share.partition("=")
+        if not sep or not version.isdigit() or not percent.isdigit():
+            raise typer.BadParameter(f"{share!r} is not VERSION=PERCENT, e.g. 3=90", param_hint="SHARES")
+        split[int(version)] = int(percent)
+    return split
+
+
+def parse_shadow(shadow: str | None) -> tuple[int, int] | None:
+    if shadow is None:
+        return None
+    version, sep, percent = shadow.partition(":")
+    if not sep or not version.isdigit() or not percent.isdigit():
+        raise typer.BadParameter(f"{shadow!r} is not VERSION:PERCENT, e.g. 5:20", param_hint="--shadow")
+    return int(version), int(percent)
+
+
+@models_app.command("split", epilog=EXIT_CODES)
+def split_alias(
+    name: Annotated[str, typer.Argument(help="The model")],
+    alias: Annotated[str, typer.Argument(help="The alias, e.g. production")],
+    shares: Annotated[list[str], typer.Argument(help="VERSION=PERCENT, summing to 100: 3=90 4=10")],
+    shadow: Annotated[
+        str | None,
+        typer.Option(help="VERSION:PERCENT: that share of jobs also runs on VERSION", show_default=False),
+    ] = None,
+    guard_max_failure_rate: Annotated[
+        float | None,
+        typer.Option(help="Roll back when a candidate's failure rate exceeds this (0-1)", show_default=False),
+    ] = None,
+    guard_min_jobs: Annotated[
+        int | None,
+        typer.Option(help="...over at least this many of its jobs (default 20)", show_default=False),
+    ] = None,
+    as_json: AsJson = False,
+    api_url: ApiUrl = None,
+) -> None:
+    """Split an alias's new jobs between versions, optionally with a shadow and a guard."""
+    split = parse_split(shares)
+    guard = None
+    if guard_max_failure_rate is not None:
+        guard = (guard_max_failure_rate, guard_min_jobs if guard_min_jobs is not None else 20)
+    elif guard_min_jobs is not None:
+        raise typer.BadParameter("needs --guard-max-failure-rate", param_hint="--guard-min-jobs")
+    with api(api_url) as client:
+        row = client.set_split(name, alias, split, shadow=parse_shadow(shadow), guard=guard)
+    if as_json:
+        print_json(row)
+        return
+    typer.echo(f"{name}@{alias}: {assignment_text(row)}")
+
+
+@models_app.command("rollback", epilog=EXIT_CODES)
+def rollback_alias(
+    name: Annotated[str, typer.Argument(help="The model")],
+    alias: Annotated[str, typer.Argument(help="The alias")],
+    reason: Annotated[str | None, typer.Option(help="Recorded in the history", show_default=False)] = None,
+    as_json: AsJson = False,
+    api_url: ApiUrl = None,
+) -> None:
+    """Restore an alias's previous assignment."""
+    with api(api_url) as client:
+        detail = client.rollback(name, alias, reason)
+    if as_json:
+        print_json(detail)
+        return
+    typer.echo(f"{name}@{alias}: rolled back to {assignment_text(detail)}")
+
+
+@models_app.command("history", epilog=EXIT_CODES)
+def alias_history(
+    name: Annotated[str, typer.Argument(help="The model")],
+    alias: Annotated[str, typer.Argument(help="The alias")],
+    as_json: AsJson = False,
+    api_url: ApiUrl = None,
+) -> None:
+    """An alias's assignment, per-version statistics over the recent window, and its history."""
+    with api(api_url) as client:
+        detail = client.alias(name, alias)
+    if as_json:
+        print_json(detail)
+        return
+    console = stdout_console()
+    console.print(f"{name}@{alias}: {assignment_text(detail)}  (revision {detail['revision']})")
+    stats = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for column in (
+        "VERSION",
+        "ROLE",
+        "SHARE",
+        "JOBS",
+        "FAILED",
+        "FAILURE_RATE",
+        "P50_MS",
+        "P95_MS",
+        "SHADOW_AGREEMENT",
+    ):
+        stats.add_column(column)
+    for s in detail["stats"]:
+        shadow = s.get("shadow") or {}
+        stats.add_row(
+            str(s["version"]), s["role"], f"{s['percent']}%", str(s["jobs"]), str(s["by_status"].get("failed", 0)),
+            number(s["failure_rate"]), number(s["run_ms"]["p50"]), number(s["run_ms"]["p95"]),
+            number(shadow.get("agreement")),
+        )  # fmt: skip
+    console.print(stats)
+    changes = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for column in ("AT", "ACTION", "FROM", "TO", "BY", "REASON"):
+        changes.add_column(column)
+    for h in detail["history"]:
+        changes.add_row(
+            timestamp(h["at"]), h["action"], assignment_text(h["from"]) if h["from"] else "",
+            assignment_text(h["to"]), "guard" if h["key_id"] is None else h["key_id"][:8], h["reason"] or "",
+        )  # fmt: skip
+    console.print(changes)
+
+
+def assignment_text(a: dict[str, Any]) -> str:
+    split = a.get("split") or {str(a["version"]): 100}
+    text = " ".join(f"{v}={p}%" for v, p in split.items())
+    if a.get("shadow"):
+        text += f" shadow {a['shadow']['version']}:{a['shadow']['percent']}%"
+    if a.get("guard"):
+        text += f" guard {a['guard']['max_failure_rate']:g} over {a['guard']['min_jobs']} jobs"
+    return text
+
+
+def number(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, int | float) else ""
+
+
 def aliases_text(aliases: dict[str, int]) -> str:
     return ", ".join(f"{alias}→{version}" for alias, version in sorted(aliases.items()))
 
@@ -440,5 +599,6 @@ def metric(metrics: dict[str, Any], key: str) -> str:
 
 def register(app: typer.Typer) -> None:
     """Add the API client commands to the `tensorq` typer app."""
-    for command in (submit, status, wait, cancel, jobs, models):
+    for command in (submit, status, wait, cancel, jobs):
         app.command(epilog=EXIT_CODES)(command)
+    app.add_typer(models_app, name="models")

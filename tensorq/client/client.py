@@ -184,8 +184,30 @@ def _upload_call(data: str | os.PathLike[str] | bytes, name: str | None) -> _Cal
     )
 
 
+def _alias_path(name: str, alias: str) -> str:
+    return f"/v1/models/{_seg(name)}/aliases/{_seg(alias)}"
+
+
 def _alias_call(name: str, alias: str, version: int) -> _Call:
-    return _Call("PUT", f"/v1/models/{_seg(name)}/aliases/{_seg(alias)}", json={"version": version})
+    return _Call("PUT", _alias_path(name, alias), json={"version": version})
+
+
+def _split_call(
+    name: str, alias: str, split: dict[int, int], shadow: tuple[int, int] | None,
+    guard: tuple[float, int] | None,
+) -> _Call:  # fmt: skip
+    body: dict[str, Any] = {"split": {str(v): p for v, p in split.items()}}
+    if shadow is not None:
+        body["shadow"] = {"version": shadow[0], "percent": shadow[1]}
+    if guard is not None:
+        body["guard"] = {"max_failure_rate": guard[0], "min_jobs": guard[1]}
+    return _Call("PUT", _alias_path(name, alias), json=body)
+
+
+def _rollback_call(name: str, alias: str, reason: str | None) -> _Call:
+    return _Call(
+        "POST", f"{_alias_path(name, alias)}/rollback", json={"reason": reason} if reason is not None else {}
+    )
 
 
 def _run_wait(timeout: float | None) -> float:
@@ -409,6 +431,26 @@ class Client:
         row: dict[str, Any] = self._send(_alias_call(name, alias, version))
         return row
 
+    def set_split(
+        self, name: str, alias: str, split: dict[int, int], *, shadow: tuple[int, int] | None = None,
+        guard: tuple[float, int] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Split the alias's new jobs between versions (`{3: 90, 4: 10}`, percentages summing to
+        100), optionally also running `shadow` = (version, percent) of them on a shadow version, and
+        with `guard` = (max_failure_rate, min_jobs) rolling the split back when a candidate fails."""
+        row: dict[str, Any] = self._send(_split_call(name, alias, split, shadow, guard))
+        return row
+
+    def alias(self, name: str, alias: str) -> dict[str, Any]:
+        """The alias's assignment, its history (newest first) and per-version statistics."""
+        detail: dict[str, Any] = self._send(_Call("GET", _alias_path(name, alias)))
+        return detail
+
+    def rollback(self, name: str, alias: str, reason: str | None = None) -> dict[str, Any]:
+        """Restore the alias's previous assignment; returns the alias as `alias` does."""
+        detail: dict[str, Any] = self._send(_rollback_call(name, alias, reason))
+        return detail
+
 
 class AsyncClient:
     """The asyncio twin of `Client`: the same methods, awaited."""
@@ -542,3 +584,18 @@ class AsyncClient:
     async def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
         row: dict[str, Any] = await self._send(_alias_call(name, alias, version))
         return row
+
+    async def set_split(
+        self, name: str, alias: str, split: dict[int, int], *, shadow: tuple[int, int] | None = None,
+        guard: tuple[float, int] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        row: dict[str, Any] = await self._send(_split_call(name, alias, split, shadow, guard))
+        return row
+
+    async def alias(self, name: str, alias: str) -> dict[str, Any]:
+        detail: dict[str, Any] = await self._send(_Call("GET", _alias_path(name, alias)))
+        return detail
+
+    async def rollback(self, name: str, alias: str, reason: str | None = None) -> dict[str, Any]:
+        detail: dict[str, Any] = await self._send(_rollback_call(name, alias, reason))
+        return detail

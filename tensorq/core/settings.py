@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     batch_max_texts: int = Field(default=128, ge=1, le=4096)
     batch_max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
 
+    # Model rollouts: the window of an alias's per-version statistics (GET /v1/models/{name}/aliases/{alias}).
+    rollout_stats_window_seconds: float = Field(default=3600.0, gt=0)
+
     # Per-kind (soft, hard) time limits in seconds overriding the kinds' own, e.g.
     # TENSORQ_TIME_LIMITS='{"train-text-classifier": [3600, 3900]}'.
     time_limits: dict[str, tuple[float | None, float | None]] = Field(default_factory=dict)

@@ -100,7 +100,9 @@ def test_train_register_alias_and_classify(client: httpx.Client, service: Servic
 
     r = client.put("/v1/models/sentiment/aliases/production", json={"version": 1})
     assert r.status_code == 200 and r.json() == {"model": "sentiment", "alias": "production", "version": 1}
-    assert client.put("/v1/models/sentiment/aliases/production", json={"version": 9}).status_code == 404
+    # An unregistered version is a bad assignment (422 naming the field), not a missing resource.
+    missing = client.put("/v1/models/sentiment/aliases/production", json={"version": 9})
+    assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["body", "version"]
     assert client.put("/v1/models/nope/aliases/production", json={"version": 1}).status_code == 404
 
     texts = ["I love it, it works perfectly and I would buy it again.", "Terrible. It broke after one day."]
