@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.orm import Session
+from starlette.types import Receive, Scope, Send
 
 from api.auth import current_principal
 from api.deps import get_events, get_publisher, get_session, get_settings
@@ -35,6 +36,16 @@ from api.openai.embeddings import (
     resolve_embedding_model,
 )
 from api.openai.errors import OpenAIError, OpenAIRoute, model_not_found, not_found
+from api.openai.schemas import (
+    BatchListOut,
+    BatchObject,
+    BatchOutputLine,
+    EmbeddingsOut,
+    FileObject,
+    ModelListOut,
+    ModelObject,
+    OpenAIErrorOut,
+)
 from api.routes.jobs import MAX_WAIT_S, accept, follow_job, store_job
 from db.jobs import cancel_job
 from db.models import Job, JobStatus
@@ -54,9 +65,22 @@ router = APIRouter(
 
 # The body OpenAI's errors have, for the OpenAPI document.
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"description": "OpenAI's error body: {error: {message, type, param, code}}"}
+    code: {"model": OpenAIErrorOut, "description": "OpenAI's error body"}
     for code in (400, 401, 404, 429, 500)
 }
+FILE_CONTENT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": BatchOutputLine,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The file's bytes: an upload as sent, or a batch's JSONL output or error file, "
+        "one BatchOutputLine per line",
+    },
+    **ERRORS,
+}
+
+
+class FileContent(FileResponse):
+    media_type = "application/octet-stream"
 
 
 def json_response(body: Any, status_code: int = 200) -> Response:
@@ -67,7 +91,12 @@ def model_object(model: EmbeddingModel) -> dict[str, Any]:
     return {"id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by}
 
 
-@router.post("/embeddings", responses=ERRORS, summary="Create embeddings (OpenAI-compatible)")
+@router.post(
+    "/embeddings",
+    response_model=EmbeddingsOut,
+    responses=ERRORS,
+    summary="Create embeddings (OpenAI-compatible)",
+)
 async def create_embeddings(
     request: Request,
     body: EmbeddingsRequest,
@@ -112,7 +141,9 @@ async def create_embeddings(
     raise OpenAIError(500, message, type="server_error")
 
 
-@router.get("/models", responses=ERRORS, summary="Models this key can embed with")
+@router.get(
+    "/models", response_model=ModelListOut, responses=ERRORS, summary="Models this key can embed with"
+)
 def read_models(
     session: Session = Depends(get_session), principal: Principal = Depends(current_principal)
 ) -> Response:
@@ -120,7 +151,7 @@ def read_models(
     return json_response({"object": "list", "data": [model_object(m) for m in models]})
 
 
-@router.get("/models/{model_id:path}", responses=ERRORS, summary="One model")
+@router.get("/models/{model_id:path}", response_model=ModelObject, responses=ERRORS, summary="One model")
 def read_model(
     model_id: str, session: Session = Depends(get_session), principal: Principal = Depends(current_principal)
 ) -> Response:
@@ -130,7 +161,12 @@ def read_model(
     return json_response(model_object(model))
 
 
-@router.post("/files", responses=ERRORS, summary="Upload a batch input file (JSONL, purpose=batch)")
+@router.post(
+    "/files",
+    response_model=FileObject,
+    responses=ERRORS,
+    summary="Upload a batch input file (JSONL, purpose=batch)",
+)
 async def upload_file(
     file: UploadFile = File(description="JSONL: one {custom_id, method, url, body} per line"),
     purpose: str = Form(description="batch"),
@@ -154,7 +190,7 @@ async def upload_file(
     return json_response(await run_in_threadpool(store))
 
 
-@router.get("/files/{file_id}", responses=ERRORS, summary="A file's metadata")
+@router.get("/files/{file_id}", response_model=FileObject, responses=ERRORS, summary="A file's metadata")
 def read_file(
     file_id: str, session: Session = Depends(get_session), principal: Principal = Depends(current_principal)
 ) -> Response:
@@ -164,7 +200,12 @@ def read_file(
     return json_response(file_out(row))
 
 
-@router.get("/files/{file_id}/content", responses=ERRORS, summary="A file's content")
+@router.get(
+    "/files/{file_id}/content",
+    response_class=FileResponse,
+    responses=FILE_CONTENT,
+    summary="A file's content",
+)
 def read_file_content(
     file_id: str,
     session: Session = Depends(get_session),
@@ -177,7 +218,7 @@ def read_file_content(
     path = ArtifactStore(settings.artifact_dir).path(row.path)
     if not path.is_file():
         raise OpenAIError(404, f"The content of file '{file_id}' is gone.", param="file_id")
-    return FileResponse(path, media_type="application/octet-stream", filename=row.filename)
+    return FileContent(path, filename=row.filename)
 
 
 Metadata = dict[
@@ -195,7 +236,9 @@ class BatchCreate(BaseModel):
     metadata: Metadata | None = Field(default=None, max_length=16)
 
 
-@router.post("/batches", responses=ERRORS, summary="Create a batch of embeddings requests")
+@router.post(
+    "/batches", response_model=BatchObject, responses=ERRORS, summary="Create a batch of embeddings requests"
+)
 def create_batch(
     request: Request,
     body: BatchCreate,
@@ -227,7 +270,7 @@ def wake_batches(request: Request) -> None:
         loops.wake_openai_batches()
 
 
-@router.get("/batches/{batch_id}", responses=ERRORS, summary="A batch")
+@router.get("/batches/{batch_id}", response_model=BatchObject, responses=ERRORS, summary="A batch")
 def read_batch(
     batch_id: str, session: Session = Depends(get_session), principal: Principal = Depends(current_principal)
 ) -> Response:
@@ -237,7 +280,9 @@ def read_batch(
     return json_response(batch_out(session, batch))
 
 
-@router.post("/batches/{batch_id}/cancel", responses=ERRORS, summary="Cancel a batch")
+@router.post(
+    "/batches/{batch_id}/cancel", response_model=BatchObject, responses=ERRORS, summary="Cancel a batch"
+)
 def cancel(
     request: Request,
     batch_id: str,
@@ -255,7 +300,9 @@ def cancel(
     return json_response(batch_out(session, batch))
 
 
-@router.get("/batches", responses=ERRORS, summary="This key's batches, newest first")
+@router.get(
+    "/batches", response_model=BatchListOut, responses=ERRORS, summary="This key's batches, newest first"
+)
 def read_batches(
     after: str | None = Query(default=None, max_length=64, description="The last id of the previous page"),
     limit: int = Query(default=20, ge=1, le=100),
@@ -278,3 +325,17 @@ def read_batches(
             "has_more": has_more,
         }
     )
+
+
+class UnknownRoute:
+    """Any other path or method under /openai/v1 gets OpenAI's 404, not the API's own 404 or 405.
+    An ASGI app rather than a function, so its route takes every method, even ones no route names."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        error = OpenAIError(404, f"Invalid URL ({request.method} {request.url.path})")
+        await error.response()(scope, receive, send)
+
+
+# Last, so every route above is tried first.
+router.add_route(f"{PREFIX}/{{rest:path}}", UnknownRoute(), include_in_schema=False)  # type: ignore[arg-type]

@@ -92,9 +92,9 @@ def test_models_and_openai_shaped_errors(oa: openai.OpenAI, service: Service) ->
         oa.embeddings.create(model=MODEL, input="x", extra_body={"temperature": 1})
     assert unknown.value.body["param"] == "temperature"  # type: ignore[index]
 
-    with openai.OpenAI(base_url=f"{service.base_url}/openai/v1", api_key="tq_wrong", max_retries=0) as other:
-        with pytest.raises(openai.AuthenticationError) as denied:
-            other.models.list()
+    other = openai.OpenAI(base_url=f"{service.base_url}/openai/v1", api_key="tq_wrong", max_retries=0)
+    with other, pytest.raises(openai.AuthenticationError) as denied:
+        other.models.list()
     assert denied.value.body["code"] == "invalid_api_key"  # type: ignore[index]
 
     # The rest of the API keeps its own error format.
