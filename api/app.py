@@ -12,6 +12,7 @@ from api.background import BackgroundLoops
 from api.errors import BodyLimit, CatchAll, install_error_handlers
 from api.limits import ActiveJobCounts
 from api.metrics import ApiMetrics
+from api.openai import routes as openai_routes
 from api.ratelimit import RateLimiter
 from api.routes import datasets, health, jobs, keys, models
 from tensorq import __version__
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
             settings.redis_url, rate=settings.tenant_submit_rate, burst=settings.tenant_submit_burst
         )
         loops = BackgroundLoops(settings, publisher) if run_background else None
+        app.state.background = loops
 
         def on_finished(info: dict[str, object]) -> None:
             metrics.observe_finished(info)
@@ -74,10 +76,15 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
     app.include_router(datasets.router)
     app.include_router(models.router)
     app.include_router(keys.router)
+    app.include_router(openai_routes.router)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,
-        upload_paths={"/v1/datasets": settings.dataset_max_bytes},
+        upload_paths={
+            "/v1/datasets": settings.dataset_max_bytes,
+            # The multipart envelope around the file, on top of the file's own limit.
+            f"{openai_routes.PREFIX}/files": settings.openai_file_max_bytes + 64 * 1024,
+        },
         timeout=settings.request_body_timeout_seconds,
     )
     app.add_middleware(CatchAll)  # added last: outermost, so it sees what the others raise

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Dialect,
@@ -305,3 +306,77 @@ class ShadowRun(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_shadow_runs_tenant_model_created", "tenant", "model", "created_at"),)
+
+
+class OpenAIFile(Base):
+    """A file of the OpenAI-compatible API (api/openai): a batch's input (purpose `batch`) or its
+    output or error file (`batch_output`); the bytes live in the artifact store at `path`."""
+
+    __tablename__ = "openai_files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # file-<32 hex>
+    tenant: Mapped[str] = mapped_column(TENANT)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    lines: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(500))  # relative to the artifact directory
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_openai_files_tenant_created", "tenant", "created_at", "id"),)
+
+
+class OpenAIBatch(Base):
+    """An OpenAI-style batch: the lines of its input file become embed jobs, a chunk at a time
+    (`submitted_lines` / `submitted_bytes` is the cursor into the file), and once they are all final
+    its output and error files are written (see api/openai/batches.py)."""
+
+    __tablename__ = "openai_batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # batch_<32 hex>
+    tenant: Mapped[str] = mapped_column(TENANT)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    # validating, in_progress, finalizing, completed, failed, cancelling, cancelled
+    status: Mapped[str] = mapped_column(String(16))
+    batch_metadata: Mapped[dict[str, Any] | None]
+    errors: Mapped[dict[str, Any] | None]
+    total_lines: Mapped[int] = mapped_column(Integer)
+    submitted_lines: Mapped[int] = mapped_column(Integer, default=0)
+    submitted_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    completed_lines: Mapped[int] = mapped_column(Integer, default=0)  # set when final
+    failed_lines: Mapped[int] = mapped_column(Integer, default=0)  # set when final
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    in_progress_at: Mapped[datetime | None]
+    finalizing_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
+    cancelling_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("ix_openai_batches_tenant_created", "tenant", "created_at", "id"),
+        Index("ix_openai_batches_status", "status"),
+    )
+
+
+class OpenAIBatchRequest(Base):
+    """One line of a batch once submitted: its job, or the error that kept it from becoming one."""
+
+    __tablename__ = "openai_batch_requests"
+
+    batch_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("openai_batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)  # 1-based, in the input file
+    custom_id: Mapped[str] = mapped_column(String(512))
+    # No foreign key: retention may prune the job; the line then reports it as expired.
+    job_id: Mapped[uuid.UUID | None]
+    # What the response echoes (the model as asked for, encoding_format).
+    options: Mapped[dict[str, Any]]
+    # The OpenAI error response the line got instead of a job: {"status_code", "body"}.
+    error: Mapped[dict[str, Any] | None]

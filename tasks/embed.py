@@ -24,6 +24,11 @@ class EmbedResult(BaseModel):
     embeddings: list[list[float]] = Field(
         description=f"One L2-normalised vector per text, in order; float32 values rounded to {JSON_DECIMALS} decimals."
     )
+    tokens: int | None = Field(
+        default=None,
+        description="Tokens the model read for all the texts (after truncation, with [CLS] and [SEP]); "
+        "the OpenAI-compatible API reports it as usage. None in results from before it was counted.",
+    )
 
 
 def encoder(ctx: JobContext) -> minilm.Encoder:
@@ -40,11 +45,19 @@ def run_batch(batch: list[EmbedParams], ctx: JobContext) -> list[EmbedResult]:
     # The model computes in float32 (about 7 significant digits); a float64 repr of such a value
     # has 17, which every process then writes and parses (JSONB in PostgreSQL, the API, clients).
     # Rounded to 8 decimals, the JSON is ~40% shorter and finishing a 64-job batch ~30% cheaper.
-    vectors = minilm.embed_texts(encoder(ctx), texts).double().round(decimals=JSON_DECIMALS).tolist()
+    embedded, counts = minilm.embed_texts_counted(encoder(ctx), texts)
+    vectors = embedded.double().round(decimals=JSON_DECIMALS).tolist()
     results, start = [], 0
     for params in batch:
         end = start + len(params.texts)
-        results.append(EmbedResult(model=minilm.MODEL_NAME, dim=minilm.DIM, embeddings=vectors[start:end]))
+        results.append(
+            EmbedResult(
+                model=minilm.MODEL_NAME,
+                dim=minilm.DIM,
+                embeddings=vectors[start:end],
+                tokens=sum(counts[start:end]),
+            )
+        )
         start = end
     return results
 

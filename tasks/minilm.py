@@ -49,6 +49,14 @@ def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.
 
 def embed_texts(encoder: Encoder, texts: list[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
     """L2-normalised mean-pooled sentence embeddings, one row per text (padded to the longest)."""
+    return embed_texts_counted(encoder, texts, max_tokens)[0]
+
+
+def embed_texts_counted(
+    encoder: Encoder, texts: list[str], max_tokens: int = MAX_TOKENS
+) -> tuple[torch.Tensor, list[int]]:
+    """`embed_texts`, and each text's token count as the model saw it (after truncation, with
+    [CLS] and [SEP]): the attention mask's row sums, which the tokenisation computed anyway."""
     import torch
     import torch.nn.functional as F
 
@@ -58,4 +66,5 @@ def embed_texts(encoder: Encoder, texts: list[str], max_tokens: int = MAX_TOKENS
     with torch.inference_mode():
         out = encoder.model(**batch)
         pooled = mean_pool(out.last_hidden_state, batch["attention_mask"])
-        return F.normalize(pooled, p=2, dim=1).cpu()
+        counts = batch["attention_mask"].sum(dim=1).tolist()
+        return F.normalize(pooled, p=2, dim=1).cpu(), [int(n) for n in counts]

@@ -1,7 +1,7 @@
 """gradual rollouts: alias splits, shadows and guards; alias history; shadow runs; jobs' versions
 
 Revision ID: 0009
-Revises: 0006
+Revises: 0008
 Create Date: 2026-11-25 09:00:00
 
 An alias may now split its jobs between versions by percentage, run a share of them on a shadow
@@ -20,7 +20,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0009"
-down_revision: str | None = "0006"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

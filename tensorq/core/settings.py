@@ -45,6 +45,16 @@ class Settings(BaseSettings):
     max_texts_per_job: int = Field(default=256, ge=1, le=256)
     max_batch_jobs: int = Field(default=1000, ge=1, le=1000)
 
+    # The OpenAI-compatible API (/openai/v1, see api/openai): a batch input file (POST /files) is
+    # refused (400) above these; its lines become jobs `openai_batch_chunk_lines` per transaction,
+    # with at most `openai_batch_max_active_jobs` of one batch's jobs queued or running at once.
+    openai_file_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    openai_file_max_lines: int = Field(default=50_000, ge=1)
+    openai_batch_chunk_lines: int = Field(default=500, ge=1, le=1000)
+    openai_batch_max_active_jobs: int = Field(default=2000, ge=1)
+    # How often the API's batch loop looks for batches to advance or finalise (it is also woken).
+    openai_batch_poll_seconds: float = Field(default=1.0, gt=0)
+
     # Per-tenant quotas: jobs queued or running at once, and submissions per second (a token
     # bucket in Redis holding up to `burst` jobs, refilled at `rate` per second). Over them: 429.
     tenant_max_active_jobs: int = Field(default=10_000, ge=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import schemathesis
@@ -26,7 +27,8 @@ app = create_app(
     Settings(database_url=_url, redis_url="redis://127.0.0.1:6379/15", artifact_dir=_tmp / "artifacts"),
     run_background=False,
 )
-schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+# POST /openai/v1/embeddings waits for a worker (there is none here) up to a minute per example.
+schema = schemathesis.openapi.from_asgi("/openapi.json", app).exclude(path="/openai/v1/embeddings")
 
 
 @schemathesis.serializer("application/x-ndjson")
@@ -58,7 +60,10 @@ def test_api_never_answers_5xx_and_errors_are_json(case: schemathesis.Case) -> N
         assert (ctype[0] if isinstance(ctype, list) else ctype).startswith("application/json"), response.text[
             :200
         ]
-        assert "detail" in response.json()
+        # /openai/v1 answers in OpenAI's error shape, everything else in the API's own (a path
+        # whose dot segments climbed out of /openai/v1 is the rest of the API's).
+        sent = urlsplit(str(response.request.url)).path
+        assert ("error" if sent.startswith("/openai/v1/") else "detail") in response.json()
 
 
 def _b64(raw: str) -> str:

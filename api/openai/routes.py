@@ -1,0 +1,341 @@
+"""The /openai/v1 routes. Every error leaves in OpenAI's shape (`OpenAIRoute`)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from sqlalchemy.orm import Session
+from starlette.types import Receive, Scope, Send
+
+from api.auth import current_principal
+from api.deps import get_events, get_publisher, get_session, get_settings
+from api.limits import check_limits
+from api.openai.batches import (
+    COMPLETION_WINDOW,
+    ENDPOINT,
+    JobSpec,
+    batch_out,
+    cancel_batch,
+    check_batch_file,
+    file_out,
+    new_batch,
+    store_file,
+)
+from api.openai.embeddings import (
+    EmbeddingModel,
+    EmbeddingsRequest,
+    check_request,
+    embedding_models,
+    embeddings_body,
+    resolve_embedding_model,
+)
+from api.openai.errors import OpenAIError, OpenAIRoute, model_not_found, not_found
+from api.openai.schemas import (
+    BatchListOut,
+    BatchObject,
+    BatchOutputLine,
+    EmbeddingsOut,
+    FileObject,
+    ModelListOut,
+    ModelObject,
+    OpenAIErrorOut,
+)
+from api.routes.jobs import MAX_WAIT_S, accept, follow_job, store_job
+from db.jobs import cancel_job
+from db.models import Job, JobStatus
+from db.openai_batches import get_batch, get_file, list_batches, new_batch_id
+from db.queries import fetch_job
+from db.tenants import Principal
+from tensorq.core.artifacts import ArtifactStore
+from tensorq.core.broker import Publisher
+from tensorq.core.events import EventListener
+from tensorq.core.settings import Settings
+
+PREFIX = "/openai/v1"
+
+router = APIRouter(
+    prefix=PREFIX, tags=["openai"], route_class=OpenAIRoute, dependencies=[Depends(current_principal)]
+)
+
+# The body OpenAI's errors have, for the OpenAPI document.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorOut, "description": "OpenAI's error body"}
+    for code in (400, 401, 404, 429, 500)
+}
+FILE_CONTENT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": BatchOutputLine,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The file's bytes: an upload as sent, or a batch's JSONL output or error file, "
+        "one BatchOutputLine per line",
+    },
+    **ERRORS,
+}
+
+
+class FileContent(FileResponse):
+    media_type = "application/octet-stream"
+
+
+def json_response(body: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
+
+
+def model_object(model: EmbeddingModel) -> dict[str, Any]:
+    return {"id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by}
+
+
+@router.post(
+    "/embeddings",
+    response_model=EmbeddingsOut,
+    responses=ERRORS,
+    summary="Create embeddings (OpenAI-compatible)",
+)
+async def create_embeddings(
+    request: Request,
+    body: EmbeddingsRequest,
+    session: Session = Depends(get_session),
+    publisher: Publisher = Depends(get_publisher),
+    settings: Settings = Depends(get_settings),
+    principal: Principal = Depends(current_principal),
+    events: EventListener = Depends(get_events),
+) -> Response:
+    """One embed job (listed in /v1/jobs, batched with concurrent ones by the worker), answered
+    when it is final, as POST /v1/jobs with `Prefer: wait` would."""
+    call = await run_in_threadpool(check_request, session, settings, principal.tenant, body)
+    job_id = uuid.uuid4()
+    spec = JobSpec(call.model.kind, call.params)
+
+    def submit() -> Job:
+        check_limits(request, session, settings, principal, [spec], ("body",))
+        job = store_job(session, spec, settings, principal, job_id)
+        accept(request, session, publisher, [job])
+        return job
+
+    def load() -> Job | None:
+        return fetch_job(session, job_id, principal.tenant)
+
+    job = await follow_job(events, job_id, submit, load, MAX_WAIT_S, until="finished")
+    assert job is not None  # our own job, just committed
+    if job.status == JobStatus.SUCCEEDED and job.result is not None:
+        return json_response(embeddings_body(job.result, call.options))
+    if not job.status.terminal:
+
+        def give_up() -> None:
+            cancel_job(session, job_id, principal.tenant)
+            session.commit()
+
+        await run_in_threadpool(give_up)
+        raise OpenAIError(
+            503, f"No worker finished the request within {MAX_WAIT_S:g} s; try again.", type="server_error"
+        )
+    message = (
+        f"The embedding job {job.status.value}: {job.error_type or ''} {job.error_message or ''}".strip()
+    )
+    raise OpenAIError(500, message, type="server_error")
+
+
+@router.get(
+    "/models", response_model=ModelListOut, responses=ERRORS, summary="Models this key can embed with"
+)
+def read_models(
+    session: Session = Depends(get_session), principal: Principal = Depends(current_principal)
+) -> Response:
+    models = embedding_models(session, principal.tenant)
+    return json_response({"object": "list", "data": [model_object(m) for m in models]})
+
+
+@router.get("/models/{model_id:path}", response_model=ModelObject, responses=ERRORS, summary="One model")
+def read_model(
+    model_id: str, session: Session = Depends(get_session), principal: Principal = Depends(current_principal)
+) -> Response:
+    model = resolve_embedding_model(session, principal.tenant, model_id)
+    if model is None:
+        raise model_not_found(model_id)
+    return json_response(model_object(model))
+
+
+@router.post(
+    "/files",
+    response_model=FileObject,
+    responses=ERRORS,
+    summary="Upload a batch input file (JSONL, purpose=batch)",
+)
+async def upload_file(
+    file: UploadFile = File(description="JSONL: one {custom_id, method, url, body} per line"),
+    purpose: str = Form(description="batch"),
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings),
+    principal: Principal = Depends(current_principal),
+) -> Response:
+    if purpose != "batch":
+        raise OpenAIError(400, f"purpose {purpose!r} is not supported here; only 'batch'.", param="purpose")
+    data = await file.read(settings.openai_file_max_bytes + 1)
+
+    def store() -> dict[str, Any]:
+        lines = check_batch_file(data, settings)
+        row = store_file(
+            session, ArtifactStore(settings.artifact_dir), tenant=principal.tenant, purpose=purpose,
+            filename=file.filename or "batch.jsonl", data=data, lines=lines,
+        )  # fmt: skip
+        session.commit()
+        return file_out(row)
+
+    return json_response(await run_in_threadpool(store))
+
+
+@router.get("/files/{file_id}", response_model=FileObject, responses=ERRORS, summary="A file's metadata")
+def read_file(
+    file_id: str, session: Session = Depends(get_session), principal: Principal = Depends(current_principal)
+) -> Response:
+    row = get_file(session, file_id, principal.tenant)
+    if row is None:
+        raise not_found("File", file_id)
+    return json_response(file_out(row))
+
+
+@router.get(
+    "/files/{file_id}/content",
+    response_class=FileResponse,
+    responses=FILE_CONTENT,
+    summary="A file's content",
+)
+def read_file_content(
+    file_id: str,
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings),
+    principal: Principal = Depends(current_principal),
+) -> Response:
+    row = get_file(session, file_id, principal.tenant)
+    if row is None:
+        raise not_found("File", file_id)
+    path = ArtifactStore(settings.artifact_dir).path(row.path)
+    if not path.is_file():
+        raise OpenAIError(404, f"The content of file '{file_id}' is gone.", param="file_id")
+    return FileContent(path, filename=row.filename)
+
+
+Metadata = dict[
+    Annotated[str, StringConstraints(min_length=1, max_length=64)],
+    Annotated[str, StringConstraints(max_length=512)],
+]
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(max_length=64)
+    endpoint: str = Field(description=ENDPOINT)
+    completion_window: str = Field(description=COMPLETION_WINDOW)
+    metadata: Metadata | None = Field(default=None, max_length=16)
+
+
+@router.post(
+    "/batches", response_model=BatchObject, responses=ERRORS, summary="Create a batch of embeddings requests"
+)
+def create_batch(
+    request: Request,
+    body: BatchCreate,
+    session: Session = Depends(get_session),
+    principal: Principal = Depends(current_principal),
+) -> Response:
+    if body.endpoint != ENDPOINT:
+        raise OpenAIError(400, f"endpoint must be {ENDPOINT}; no other runs here.", param="endpoint")
+    if body.completion_window != COMPLETION_WINDOW:
+        raise OpenAIError(400, f"completion_window must be {COMPLETION_WINDOW}.", param="completion_window")
+    source = get_file(session, body.input_file_id, principal.tenant)
+    if source is None:
+        raise not_found("File", body.input_file_id)
+    if source.purpose != "batch":
+        raise OpenAIError(
+            400, "The input file must have been uploaded with purpose 'batch'.", param="input_file_id"
+        )
+    batch = new_batch(
+        session, batch_id=new_batch_id(), tenant=principal.tenant, input_file=source, metadata=body.metadata
+    )
+    session.commit()
+    wake_batches(request)
+    return json_response(batch_out(session, batch))
+
+
+def wake_batches(request: Request) -> None:
+    loops = getattr(request.app.state, "background", None)
+    if loops is not None:
+        loops.wake_openai_batches()
+
+
+@router.get("/batches/{batch_id}", response_model=BatchObject, responses=ERRORS, summary="A batch")
+def read_batch(
+    batch_id: str, session: Session = Depends(get_session), principal: Principal = Depends(current_principal)
+) -> Response:
+    batch = get_batch(session, batch_id, principal.tenant)
+    if batch is None:
+        raise not_found("batch", batch_id)
+    return json_response(batch_out(session, batch))
+
+
+@router.post(
+    "/batches/{batch_id}/cancel", response_model=BatchObject, responses=ERRORS, summary="Cancel a batch"
+)
+def cancel(
+    request: Request,
+    batch_id: str,
+    session: Session = Depends(get_session),
+    principal: Principal = Depends(current_principal),
+) -> Response:
+    batch = get_batch(session, batch_id, principal.tenant)
+    if batch is None:
+        raise not_found("batch", batch_id)
+    cancelled = cancel_batch(session, batch)
+    session.commit()
+    if cancelled:
+        request.app.state.event_publisher.changed(cancelled, final=True)
+    wake_batches(request)
+    return json_response(batch_out(session, batch))
+
+
+@router.get(
+    "/batches", response_model=BatchListOut, responses=ERRORS, summary="This key's batches, newest first"
+)
+def read_batches(
+    after: str | None = Query(default=None, max_length=64, description="The last id of the previous page"),
+    limit: int = Query(default=20, ge=1, le=100),
+    session: Session = Depends(get_session),
+    principal: Principal = Depends(current_principal),
+) -> Response:
+    previous = None
+    if after is not None:
+        previous = get_batch(session, after, principal.tenant)
+        if previous is None:
+            raise OpenAIError(400, f"No such batch for `after`: '{after}'", param="after")
+    rows, has_more = list_batches(session, principal.tenant, limit=limit, after=previous)
+    data = [batch_out(session, b) for b in rows]
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": has_more,
+        }
+    )
+
+
+class UnknownRoute:
+    """Any other path or method under /openai/v1 gets OpenAI's 404, not the API's own 404 or 405.
+    An ASGI app rather than a function, so its route takes every method, even ones no route names."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        error = OpenAIError(404, f"Invalid URL ({request.method} {request.url.path})")
+        await error.response()(scope, receive, send)
+
+
+# Last, so every route above is tried first.
+router.add_route(f"{PREFIX}/{{rest:path}}", UnknownRoute(), include_in_schema=False)  # type: ignore[arg-type]
