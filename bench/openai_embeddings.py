@@ -25,8 +25,8 @@ from typing import Any
 
 import httpx
 
+from bench.harness import drop_database
 from bench.run import ROOT, machine, pct, run_service, stop
-from tests.helpers import drop_database
 
 TEXT = "hello world"
 

@@ -34,8 +34,8 @@ import httpx
 import psycopg
 import redis
 
+from bench.harness import Service, create_database, drop_database, service_env, start_service
 from tasks import minilm
-from tests.helpers import Service, create_database, drop_database, service_env, start_service
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = [

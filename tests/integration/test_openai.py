@@ -67,7 +67,9 @@ def test_embeddings_match_the_native_embed_job(oa: openai.OpenAI, client: httpx.
     assert_close([from_base64(d.embedding) for d in b64.data], expected)  # type: ignore[arg-type]
 
     # Each request was an embed job of the tenant, like any other.
-    latest = client.get("/v1/jobs", params={"kind": "embed", "limit": 1}).json()["items"][0]
+    latest = client.get("/v1/jobs", params={"kind": "embed", "limit": 1, "include": "input"}).json()["items"][
+        0
+    ]
     assert latest["status"] == "succeeded" and latest["input"] == {"texts": TEXTS}
 
 

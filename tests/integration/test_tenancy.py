@@ -77,6 +77,8 @@ CROSSWISE = {
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{name}"),
     ("PUT", "/v1/models/{name}/aliases/{alias}"),
+    ("GET", "/v1/models/{name}/aliases/{alias}"),
+    ("POST", "/v1/models/{name}/aliases/{alias}/rollback"),
     ("GET", "/v1/keys"),
     ("POST", "/v1/keys"),
     ("POST", "/v1/keys/{key_id}/revoke"),
@@ -128,7 +130,10 @@ def test_another_tenants_datasets_and_models_answer_404(owned: Owned) -> None:
     assert owned.model not in {m["name"] for m in b.get("/v1/models").json()["items"]}
     r = b.put(f"/v1/models/{owned.model}/aliases/production", json={"version": 1})
     assert r.status_code == 404
+    assert b.get(f"/v1/models/{owned.model}/aliases/production").status_code == 404
+    assert b.post(f"/v1/models/{owned.model}/aliases/production/rollback", json={}).status_code == 404
     assert a.get(f"/v1/models/{owned.model}").json()["aliases"] == {"production": 1}
+    assert a.get(f"/v1/models/{owned.model}/aliases/production").status_code == 200
 
 
 def test_workers_resolve_models_and_datasets_in_the_jobs_tenant(owned: Owned, pg_url: str) -> None:
