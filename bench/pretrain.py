@@ -2,7 +2,7 @@
 worker-like JobContext: a work directory, progress reports, a cancellation check) against a bare
 PyTorch loop over the same texts, batch size, masking and model, in the same process, interleaved.
 
-    python -m bench.pretrain [--rounds 4] [--steps 10] [--threads 1]
+    python -m bench.pretrain [--rounds 6] [--steps 10] [--threads 1] [--warmup 1]
 
 Each round runs the kind for `steps` steps (one epoch of `steps * 16` training texts plus the 10%
 held out) and then the bare loop for as many steps. Texts are domain sentences joined until each
@@ -120,7 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (imports, caches)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
@@ -132,6 +133,9 @@ def main() -> None:
     service: list[dict[str, Any]] = []
     bare: list[dict[str, Any]] = []
     started = time.monotonic()
+    for w in range(args.warmup):
+        print(f"warm-up {w + 1}: service {service_round(args.steps, seed=99)['tokens_per_s']:.0f}, "
+              f"bare {bare_round(args.steps, seed=99)['tokens_per_s']:.0f} tokens/s (not counted)", flush=True)  # fmt: skip
     for r in range(args.rounds):
         # Alternate which goes first, so neither always follows the other's cache and memory state.
         pair = (service_round, bare_round) if r % 2 == 0 else (bare_round, service_round)
@@ -146,6 +150,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "torch_threads": args.threads,
         "rounds": args.rounds,
+        "warmup_rounds": args.warmup,
         "steps_per_round": args.steps,
         "batch": f"{BATCH} x {LENGTH} tokens",
         "service_tokens_per_s_median": round(s, 1),
