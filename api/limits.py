@@ -14,9 +14,11 @@ from sqlalchemy.orm import Session
 
 from api.ratelimit import RateLimiter
 from api.webhooks.policy import check_url
+from db.models import Dataset
 from db.queries import count_active_jobs
-from db.registry import get_dataset
+from db.registry import RegistryError, get_dataset, resolve
 from db.tenants import Principal
+from tasks import minilm
 from tasks.registry import get_kind
 from tensorq.core.broker import queue_for
 from tensorq.core.presence import Presence
@@ -28,7 +30,11 @@ def check_limits(
     loc: tuple[str, ...],
 ) -> None:  # fmt: skip
     """`items` are validated job bodies; `loc` is where they sit in the request (body, or body.jobs)."""
-    errors = request_errors(settings, items, loc) + dataset_errors(session, principal.tenant, items, loc)
+    errors = (
+        request_errors(settings, items, loc)
+        + dataset_errors(session, principal.tenant, items, loc)
+        + model_task_errors(session, principal.tenant, items, loc)
+    )
     errors += device_errors(request.app.state.presence, items, loc)
     if errors:
         raise RequestValidationError(errors)
@@ -98,9 +104,9 @@ def dataset_errors(
 ) -> list[dict[str, Any]]:
     """A job naming a dataset its tenant lacks is refused here rather than failed by the worker,
     which checks again: a dataset can be pruned between submission and run. Another tenant's
-    dataset is as absent as a missing one."""
+    dataset is as absent as a missing one. A kind that trains on labels refuses a text-only one."""
     errors: list[dict[str, Any]] = []
-    found: dict[str, bool] = {}
+    found: dict[str, Dataset | None] = {}
     for i, item in enumerate(items):
         # Whatever the kind, `dataset_id` names a stored dataset (db.retention relies on it too).
         dataset_id = getattr(item.input, "dataset_id", None)
@@ -108,15 +114,63 @@ def dataset_errors(
             continue
         if dataset_id not in found:
             try:
-                found[dataset_id] = get_dataset(session, uuid.UUID(dataset_id), tenant) is not None
+                found[dataset_id] = get_dataset(session, uuid.UUID(dataset_id), tenant)
             except ValueError:  # not a UUID: no dataset has that id
-                found[dataset_id] = False
-        if not found[dataset_id]:
-            item_loc = (*loc, i) if len(loc) > 1 else loc
+                found[dataset_id] = None
+        dataset = found[dataset_id]
+        item_loc = (*loc, i) if len(loc) > 1 else loc
+        if dataset is None:
             errors.append(
                 {"loc": (*item_loc, "input", "dataset_id"), "msg": "no such dataset", "type": "not_found",
                  "input": dataset_id}
             )  # fmt: skip
+        elif not dataset.labelled and get_kind(item.kind).needs_labels:
+            msg = f'dataset has no labels (text-only rows); {item.kind} needs {{"text", "label"}} rows'
+            errors.append(
+                {"loc": (*item_loc, "input", "dataset_id"), "msg": msg, "type": "unlabelled_dataset",
+                 "input": dataset_id}
+            )  # fmt: skip
+    return errors
+
+
+# What the shipped model is, for the kinds' `model_tasks`: an encoder without a masked-LM head.
+SHIPPED_TASK = "embedder"
+
+
+def model_task_errors(
+    session: Session, tenant: str, items: list[Any], loc: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """A model reference that resolves, in the tenant's registry, to a version of the wrong task
+    (a classifier for fill-mask, say) is refused as IncompatibleModel. One that does not resolve
+    is left to the worker (ModelNotFound then), as a model may be registered before the job runs.
+    Only kinds that declare `model_tasks` pay for the lookup (not embed or classify)."""
+    errors: list[dict[str, Any]] = []
+    tasks_of: dict[str, str | None] = {}
+    for i, item in enumerate(items):
+        for field, allowed in get_kind(item.kind).model_tasks:
+            ref = getattr(item.input, field, None)
+            if ref is None:
+                continue
+            if ref not in tasks_of:
+                if ref == minilm.MODEL_NAME:
+                    tasks_of[ref] = SHIPPED_TASK
+                else:
+                    try:
+                        tasks_of[ref] = resolve(session, tenant, ref).task
+                    except (RegistryError, ValueError):
+                        tasks_of[ref] = None
+            task = tasks_of[ref]
+            if task is not None and task not in allowed:
+                item_loc = (*loc, i) if len(loc) > 1 else loc
+                msg = f"{ref!r} is a {task} model; {item.kind} needs a {' or '.join(allowed)} model here"
+                errors.append(
+                    {
+                        "loc": (*item_loc, "input", field),
+                        "msg": msg,
+                        "type": "IncompatibleModel",
+                        "input": ref,
+                    }
+                )
     return errors
 
 

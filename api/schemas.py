@@ -237,7 +237,8 @@ class DatasetOut(BaseModel):
     id: uuid.UUID
     name: str | None
     rows: int
-    labels: list[str]
+    labels: list[str] = Field(description="The distinct labels, sorted; [] for a text-only dataset.")
+    labelled: bool = Field(description='Every row has a "label" (classifier data), or none has (texts only).')
     sha256: str
     size_bytes: int
     created_at: datetime
@@ -254,6 +255,8 @@ class ModelVersionOut(BaseModel):
     artifact: str = Field(description="Location in the artifact store (safetensors + config).")
     job_id: uuid.UUID | None
     created_at: datetime
+    task: str = Field(default="text-classifier", description="text-classifier, masked-lm or embedder.")
+    parent: str | None = Field(default=None, description='The version it was made from, "name:version".')
 
 
 class ModelOut(BaseModel):

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -180,7 +181,7 @@ class Job(Base):
 
 
 class Dataset(Base):
-    """An uploaded labelled text dataset; its rows live in the artifact store as JSONL."""
+    """An uploaded text dataset; its rows live in the artifact store as JSONL."""
 
     __tablename__ = "datasets"
 
@@ -190,6 +191,8 @@ class Dataset(Base):
     path: Mapped[str] = mapped_column(String(500))  # relative to the artifact directory
     rows: Mapped[int] = mapped_column(Integer)
     labels: Mapped[list[str]] = mapped_column(JSONType)
+    # Every row has a label (a classifier's data), or none has (texts only, for pretrain-mlm).
+    labelled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -41,11 +41,11 @@ def parse_ref(ref: str) -> ModelRef:
 
 def create_dataset(
     session: Session, *, tenant: str, dataset_id: uuid.UUID, name: str | None, path: str, rows: int, labels: list[str],
-    sha256: str, size_bytes: int,
+    sha256: str, size_bytes: int, labelled: bool = True,
 ) -> Dataset:  # fmt: skip
     dataset = Dataset(
         id=dataset_id, tenant=tenant, name=name, path=path, rows=rows, labels=labels, sha256=sha256,
-        size_bytes=size_bytes, created_at=utcnow(),
+        size_bytes=size_bytes, created_at=utcnow(), labelled=labelled,
     )  # fmt: skip
     session.add(dataset)
     return dataset

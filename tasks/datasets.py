@@ -1,4 +1,8 @@
-"""Labelled text datasets: JSONL validation shared by uploads, inline training data and the worker."""
+"""Text datasets: JSONL validation shared by uploads, inline training data and the worker.
+
+A dataset is labelled ({"text", "label"} on every line: for classifiers) or text-only ({"text"} on
+every line: for pretrain-mlm). A mix is refused at the first line that breaks the first line's
+pattern: a forgotten label would otherwise make a classifier dataset silently smaller."""
 
 from __future__ import annotations
 
@@ -24,14 +28,15 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class ParsedDataset:
     rows: list[dict[str, str]]
-    labels: list[str]
+    labels: list[str]  # [] for a text-only dataset
+    labelled: bool
     sha256: str
     size_bytes: int
 
 
 def check_row(obj: Any, line: int) -> dict[str, str]:
     if not isinstance(obj, dict):
-        raise DatasetError(line, 'expected a JSON object {"text": ..., "label": ...}')
+        raise DatasetError(line, 'expected a JSON object {"text": ...} or {"text": ..., "label": ...}')
     extra = set(obj) - {"text", "label"}
     if extra:
         raise DatasetError(line, f"unknown field(s): {', '.join(sorted(extra))}")
@@ -40,6 +45,10 @@ def check_row(obj: Any, line: int) -> dict[str, str]:
         raise DatasetError(line, "'text' must be a non-empty string")
     if len(text) > MAX_TEXT_CHARS:
         raise DatasetError(line, f"'text' is longer than {MAX_TEXT_CHARS} characters")
+    if "label" not in obj:
+        if (reason := unstorable(text)) is not None:
+            raise DatasetError(line, f"'text' {reason}")
+        return {"text": text}
     if not isinstance(label, str) or not label.strip():
         raise DatasetError(line, "'label' must be a non-empty string")
     if len(label) > MAX_LABEL_CHARS:
@@ -71,14 +80,25 @@ def parse_jsonl(data: bytes, *, max_rows: int) -> ParsedDataset:
             raise DatasetError(number, f"not valid JSON ({exc})") from None
         except RecursionError:  # e.g. [[[[...]]]] thousands deep: Python's parser gives up
             raise DatasetError(number, "not valid JSON (nested too deeply)") from None
-        rows.append(check_row(obj, number))
+        row = check_row(obj, number)
+        if rows and ("label" in row) != ("label" in rows[0]):
+            first = "has a label" if "label" in rows[0] else "has none"
+            raise DatasetError(
+                number, f"mixes labelled and unlabelled rows (the first row {first}; all or none)"
+            )
+        rows.append(row)
     if not rows:
         raise DatasetError(1, "no rows")
-    labels = sorted({row["label"] for row in rows if "label" in row})
-    if labels and (problem := label_problem(labels)):
+    labelled = "label" in rows[0]
+    labels = sorted({row["label"] for row in rows}) if labelled else []
+    if labelled and (problem := label_problem(labels)):
         raise DatasetError(1, problem)
     return ParsedDataset(
-        rows=rows, labels=labels, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
+        rows=rows,
+        labels=labels,
+        labelled=labelled,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
     )
 
 

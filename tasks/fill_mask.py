@@ -1,18 +1,21 @@
 """`fill-mask`: the most likely tokens for each [MASK] in texts, with a registered masked-LM encoder
 (one `pretrain-mlm` made). Jobs naming the same model share forward passes, as embed and classify do.
 
-No `KIND` here yet (the service is wired up elsewhere): `FILL_MASK_KIND_SPEC` says what it will be.
+The shipped MiniLM has no masked-LM head: naming it (or a classifier) is IncompatibleModel, a 422 at
+submission where the API can tell (the kind's `model_tasks`) and a typed job error otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from tasks import minilm
 from tasks import mlm as mlm_lib
 from tasks.classify import ModelRef
 from tasks.context import JobContext, JobError, ResolvedModel
+from tasks.registry import JobKind
 from tasks.texts import Text
 
 MASK_TOKEN = "[MASK]"  # the shipped tokenizer's mask token, which every encoder made here keeps
@@ -33,7 +36,10 @@ MaskedText = Annotated[Text, AfterValidator(_has_mask)]
 class FillMaskParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: ModelRef = Field(description='A registered masked-LM encoder: "name", "name:3" or "name@alias".')
+    # The shipped name passes the schema so that naming it is IncompatibleModel, not a bad pattern.
+    model: ModelRef | Literal["all-MiniLM-L6-v2"] = Field(
+        description='A registered masked-LM encoder: "name", "name:3" or "name@alias".'
+    )
     texts: list[MaskedText] = Field(
         min_length=1,
         max_length=MAX_TEXTS,
@@ -56,6 +62,7 @@ class FillMaskResult(BaseModel):
 
 
 def masked_lm(ctx: JobContext, resolved: ResolvedModel) -> mlm_lib.MaskedLM:
+    # The files decide (a classifier's directory is no masked-LM one), whatever the registry says.
     def load() -> mlm_lib.MaskedLM:
         try:
             return mlm_lib.load_mlm(resolved.path, ctx.device)
@@ -75,7 +82,12 @@ def run(params: FillMaskParams, ctx: JobContext) -> FillMaskResult:
 def run_batch(batch: list[FillMaskParams], ctx: JobContext) -> list[FillMaskResult]:
     """Jobs naming the same model share forward passes; each reference is resolved once.
     (The worker batches jobs of one model, but a mixed batch is handled too, one model at a time.)"""
-    resolved = {ref: ctx.resolve_model(ref) for ref in dict.fromkeys(p.model for p in batch)}
+    refs = list(dict.fromkeys(p.model for p in batch))
+    if minilm.MODEL_NAME in refs:
+        raise JobError(
+            "IncompatibleModel", f"{minilm.MODEL_NAME} (the shipped encoder) has no masked-LM head"
+        )
+    resolved = {ref: ctx.resolve_model(ref) for ref in refs}
     # "domain", "domain:3" and "domain@prod" may all be one version: one group per version's files.
     versions = {model.path: model for model in resolved.values()}
     results: dict[int, FillMaskResult] = {}
@@ -106,6 +118,8 @@ def batch_cost(params: FillMaskParams) -> int:
     return len(params.texts)
 
 
+KIND_MODEL_TASKS: tuple[tuple[str, tuple[str, ...]], ...] = (("model", (mlm_lib.TASK,)),)
+
 FILL_MASK_KIND_SPEC: dict[str, Any] = {
     "name": "fill-mask",
     "params": FillMaskParams,
@@ -116,4 +130,8 @@ FILL_MASK_KIND_SPEC: dict[str, Any] = {
     "model_of": lambda params: params.model,
     "run_batch": run_batch,
     "batch_cost": batch_cost,
+    "reads_tenant_data": True,
+    "model_tasks": KIND_MODEL_TASKS,
 }
+
+KIND = JobKind(**FILL_MASK_KIND_SPEC)

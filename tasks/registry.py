@@ -45,6 +45,13 @@ class JobKind(Generic[P, R]):
     # Whether a job reads its tenant's models or datasets. Jobs of kinds that do are batched only
     # with the same tenant's jobs, since a model name means another model in another tenant.
     reads_tenant_data: bool = True
+    # Params fields that name a registered model, with the tasks (db.models.ModelVersion.task:
+    # "masked-lm", "embedder", ...) a version named there must have; the shipped MiniLM counts as
+    # an "embedder". The API refuses a mismatch at submission where the reference resolves; the
+    # kind checks again when it runs (a reference may resolve differently by then).
+    model_tasks: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Whether a stored `dataset_id` must be a labelled dataset (a classifier's data).
+    needs_labels: bool = False
     # Celery time limits in seconds: at the soft one the job fails with Timeout; at the hard one
     # the pool child is killed and the job is failed by the parent. Settings may override them.
     soft_time_limit: float | None = 300

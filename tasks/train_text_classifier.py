@@ -1,4 +1,5 @@
-"""`train-text-classifier`: fine-tune all-MiniLM-L6-v2 with a linear head on labelled texts.
+"""`train-text-classifier`: fine-tune all-MiniLM-L6-v2 (or a registered encoder, `base_model`: one
+pretrain-mlm made) with a linear head on labelled texts.
 
 Deterministic for a given seed on one device: the split, every epoch's order (one seeded
 `torch.Generator`) and dropout (torch's RNG, forked so the caller's stream is left alone).
@@ -18,11 +19,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from tasks import classifier as clf
+from tasks import minilm
+from tasks import mlm as mlm_lib
+from tasks.classify import ModelRef
 from tasks.context import JobContext, JobError
 from tasks.datasets import label_problem
 from tasks.registry import JobKind
@@ -76,6 +80,11 @@ class TrainParams(BaseModel):
     validation_split: float = Field(default=0.2, ge=0.0, le=0.5, allow_inf_nan=False, strict=True)
     seed: int = Field(default=0, ge=0, le=2**32 - 1, strict=True)
     model_name: ModelName = Field(description="Name to register the trained model under.")
+    base_model: ModelRef | Literal["all-MiniLM-L6-v2"] | None = Field(
+        default=None,
+        description="The encoder to start from: a registered masked-lm (or embedder) version, recorded as "
+        "the new version's parent; default: the shipped all-MiniLM-L6-v2.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> TrainParams:
@@ -112,6 +121,11 @@ class TrainResult(BaseModel):
     resumed_from_step: int | None = None
     train_examples: int
     val_examples: int
+    base_model: str = Field(default=minilm.MODEL_NAME, description='"all-MiniLM-L6-v2" or "name:version".')
+    parent: dict[str, Any] | None = Field(
+        default=None, description='The registered encoder it started from, {"name", "version"}.'
+    )
+    lineage: dict[str, Any] | None = None
 
 
 @dataclass
@@ -142,12 +156,15 @@ def load_rows(params: TrainParams, ctx: JobContext) -> list[LabelledText]:
     return rows
 
 
-def fingerprint(params: TrainParams, rows: list[LabelledText]) -> str:
-    """What a checkpoint must match to be resumed: the data and every setting that shapes training."""
+def fingerprint(params: TrainParams, rows: list[LabelledText], base_identity: str | None = None) -> str:
+    """What a checkpoint must match to be resumed: the data, the base encoder and every setting
+    that shapes training."""
     h = hashlib.sha256()
     settings = params.model_dump(
         include={"epochs", "learning_rate", "batch_size", "max_seq_length", "validation_split", "seed"}
     )
+    if base_identity is not None:  # absent for the shipped model, so older checkpoints still match
+        settings["base"] = base_identity
     h.update(json.dumps(settings, sort_keys=True).encode())
     for row in rows:
         h.update(json.dumps([row.text, row.label]).encode() + b"\n")
@@ -236,6 +253,31 @@ def load_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any] | N
     return state
 
 
+@dataclass(frozen=True)
+class BaseEncoder:
+    """A registered encoder to start from."""
+
+    name: str  # "name:version"
+    parent: tuple[str, int]
+    path: Path
+
+    @property
+    def identity(self) -> str:
+        return f"{self.name}@{self.path}"
+
+
+def resolve_base(params: TrainParams, ctx: JobContext) -> BaseEncoder | None:
+    if params.base_model is None or params.base_model == minilm.MODEL_NAME:
+        return None
+    resolved = ctx.resolve_model(params.base_model)
+    name = f"{resolved.name}:{resolved.version}"
+    if not mlm_lib.is_masked_lm_dir(resolved.path):
+        raise JobError(
+            "IncompatibleModel", f"{name} is a {resolved.task} model, not an encoder to fine-tune from"
+        )
+    return BaseEncoder(name, (resolved.name, resolved.version), resolved.path)
+
+
 def run(params: TrainParams, ctx: JobContext) -> TrainResult:
     rows = load_rows(params, ctx)
     labels = sorted({row.label for row in rows})
@@ -248,15 +290,21 @@ def run(params: TrainParams, ctx: JobContext) -> TrainResult:
 
     # Seeding must not reset the random stream of whatever else runs in this process.
     device = torch.device(ctx.device)
+    base = resolve_base(params, ctx)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        return Trainer(params, ctx, rows, labels).run()
+        return Trainer(params, ctx, rows, labels, base).run()
 
 
 class Trainer:
     """One training run: the model, its optimizer and schedule, and how far it has got."""
 
     def __init__(
-        self, params: TrainParams, ctx: JobContext, rows: list[LabelledText], labels: list[str]
+        self,
+        params: TrainParams,
+        ctx: JobContext,
+        rows: list[LabelledText],
+        labels: list[str],
+        base: BaseEncoder | None = None,
     ) -> None:
         import torch
 
@@ -264,12 +312,21 @@ class Trainer:
         self.texts = [row.text for row in rows]
         label_id = {label: i for i, label in enumerate(labels)}
         self.targets = [label_id[row.label] for row in rows]
-        self.fingerprint = fingerprint(params, rows)
+        self.base = base
+        self.fingerprint = fingerprint(params, rows, None if base is None else base.identity)
         self.checkpoint_file = checkpoint_path(ctx.work_dir) if ctx.work_dir is not None else None
 
         torch.manual_seed(params.seed)
         self.data_gen = torch.Generator().manual_seed(params.seed)
-        self.model = clf.build_classifier(labels, params.max_seq_length, ctx.device)
+        if base is None:
+            self.model = clf.build_classifier(labels, params.max_seq_length, ctx.device)
+        else:
+            try:
+                self.model = mlm_lib.build_classifier_from_dir(
+                    base.path, labels, params.max_seq_length, base.name, ctx.device
+                )
+            except mlm_lib.MaskedLMFormatError as exc:
+                raise JobError("IncompatibleModel", f"{base.name}: {exc}") from None
         self.trainable = [p for _, p in self.model.named_parameters()]
         self.optimizer = torch.optim.AdamW(
             [
@@ -407,7 +464,18 @@ class Trainer:
             resumed_from_step=self.resumed_from_step,
             train_examples=len(self.progress.train_idx),
             val_examples=len(self.progress.val_idx),
+            **self.origin(),
         )
+
+    def origin(self) -> dict[str, Any]:
+        """`base_model`, and for a registered base its `parent` and `lineage`."""
+        if self.base is None:
+            return {}
+        return {
+            "base_model": self.base.name,
+            "parent": {"name": self.base.parent[0], "version": self.base.parent[1]},
+            "lineage": {"method": "fine-tune", "base_model": self.base.name},
+        }
 
 
 def _rng_state(device: str) -> dict[str, Any]:
@@ -436,6 +504,9 @@ KIND = JobKind(
     registers_model=True,
     soft_time_limit=24 * 3600,
     time_limit=24 * 3600 + 600,
-    description="Fine-tune all-MiniLM-L6-v2 with a linear head on {text, label} rows; checkpoints and resumes.",
+    description="Fine-tune all-MiniLM-L6-v2 (or a registered encoder, base_model) with a linear head on "
+    "{text, label} rows; checkpoints and resumes.",
     model_of=lambda params: params.model_name,
+    model_tasks=(("base_model", (mlm_lib.TASK, "embedder")),),
+    needs_labels=True,
 )

@@ -175,8 +175,17 @@ class JobContexts:
                 ref = f"{name}:{pins[ref]}"
             with session_scope(self.database_url) as session:
                 version = registry.resolve(session, tenant, ref)
+                parent = (
+                    (version.parent_name, version.parent_version)
+                    if version.parent_name is not None and version.parent_version is not None
+                    else None
+                )
             return ResolvedModel(
-                name=name, version=version.version, path=self.store.path(version.artifact_path)
+                name=name,
+                version=version.version,
+                path=self.store.path(version.artifact_path),
+                task=version.task,
+                parent=parent,
             )
         except (registry.RegistryError, ValueError) as exc:
             raise JobError("ModelNotFound", str(exc)) from None

@@ -29,7 +29,8 @@ router = APIRouter(
 JSONL_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "description": 'JSON Lines: one {"text": "...", "label": "..."} object per line.',
+        "description": 'JSON Lines: one {"text": "...", "label": "..."} object per line (labelled), '
+        'or one {"text": "..."} per line (text-only, for pretrain-mlm); not a mix.',
         "content": {"application/x-ndjson": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
@@ -37,7 +38,7 @@ JSONL_BODY: dict[str, Any] = {
 
 def dataset_out(ds: Dataset) -> DatasetOut:
     return DatasetOut(
-        id=ds.id, name=ds.name, rows=ds.rows, labels=ds.labels, sha256=ds.sha256, size_bytes=ds.size_bytes,
+        id=ds.id, name=ds.name, rows=ds.rows, labels=ds.labels, labelled=ds.labelled, sha256=ds.sha256, size_bytes=ds.size_bytes,
         created_at=ds.created_at,
     )  # fmt: skip
 
@@ -55,7 +56,7 @@ def dataset_out(ds: Dataset) -> DatasetOut:
         },
         422: {"model": ErrorOut, "description": "A bad line; `detail[0].loc` is ['body', 'line', N]"},
     },
-    summary="Upload a labelled text dataset (JSONL)",
+    summary="Upload a text dataset (JSONL), labelled or text-only",
 )
 async def upload_dataset(
     request: Request,
@@ -92,7 +93,7 @@ def store_upload(session: Session, settings: Settings, tenant: str, name: str | 
     try:
         ds = create_dataset(
             session, tenant=tenant, dataset_id=dataset_id, name=name, path=relpath, rows=len(parsed.rows),
-            labels=parsed.labels, sha256=parsed.sha256, size_bytes=parsed.size_bytes,
+            labels=parsed.labels, sha256=parsed.sha256, size_bytes=parsed.size_bytes, labelled=parsed.labelled,
         )  # fmt: skip
         session.commit()
     except Exception:

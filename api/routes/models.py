@@ -60,6 +60,8 @@ def model_out(session: Session, model: Model) -> ModelOut:
                 artifact=v.artifact_path,
                 job_id=v.job_id,
                 created_at=v.created_at,
+                task=v.task,
+                parent=None if v.parent_name is None else f"{v.parent_name}:{v.parent_version}",
             )
             for v in versions
         ],

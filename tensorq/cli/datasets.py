@@ -25,7 +25,12 @@ datasets_app = typer.Typer(no_args_is_help=True, help="Datasets: JSONL rows to t
 
 @datasets_app.command("upload", epilog=EXIT_CODES)
 def upload(
-    file: Annotated[Path, typer.Argument(help='JSONL file: one {"text": ..., "label": ...} object a line')],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help='JSONL file: one {"text": ..., "label": ...} object a line, or {"text": ...} for text-only'
+        ),
+    ],
     name: Annotated[str | None, typer.Option(help="A name to recognise it by")] = None,
     as_json: AsJson = False,
     api_url: ApiUrl = None,
@@ -41,7 +46,7 @@ def upload(
     if as_json:
         print_json(dataset)
         return
-    labels = ", ".join(dataset.get("labels") or []) or "none"
+    labels = ", ".join(dataset.get("labels") or []) or "none (text-only)"
     typer.echo(dataset["id"])
     typer.echo(f"({dataset['rows']} rows, labels: {labels}, {dataset['size_bytes']} bytes)", err=True)
 
