@@ -159,7 +159,7 @@ def test_async_client(service: Service) -> None:
             assert isinstance(await tq.models(), list)
 
             with pytest.raises(TensorqError) as bad:
-                await tq.upload_dataset(b'{"text": "x"}\n')
+                await tq.upload_dataset(b'{"label": "x"}\n')  # no text
             assert bad.value.status_code == 422 and bad.value.fields == ["body.line.1"]
             with pytest.raises(TensorqError) as missing:
                 await tq.cancel(str(uuid.uuid4()))

@@ -95,12 +95,20 @@ def test_incompatible_models_are_422_where_the_reference_resolves(api: TestClien
         ("pretrain-mlm", {"dataset_id": "x", "model_name": "m", "base_model": "sentiment"}, "base_model"),
         (
             "train-text-classifier",
-            {"data": [{"text": "a", "label": "x"}] * 2, "model_name": "m", "base_model": "sentiment:1"},
+            {
+                "data": [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}],
+                "model_name": "m",
+                "base_model": "sentiment:1",
+            },
             "base_model",
         ),
         (
             "train-text-classifier",
-            {"data": [{"text": "a", "label": "x"}] * 2, "model_name": "m", "base_model": "domain"},
+            {
+                "data": [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}],
+                "model_name": "m",
+                "base_model": "domain",
+            },
             None,
         ),
     ]
