@@ -146,8 +146,25 @@ def model_task_errors(
     Only kinds that declare `model_tasks` pay for the lookup (not embed or classify)."""
     errors: list[dict[str, Any]] = []
     tasks_of: dict[str, str | None] = {}
+    labelled: dict[str, bool | None] = {}
+
+    def labelled_of(dataset_id: str | None) -> bool | None:
+        """Whether the tenant's dataset has labels; None when there is no such dataset (which
+        dataset_errors reports)."""
+        if dataset_id is None:
+            return None
+        if dataset_id not in labelled:
+            try:
+                dataset = get_dataset(session, uuid.UUID(dataset_id), tenant)
+            except ValueError:
+                dataset = None
+            labelled[dataset_id] = None if dataset is None else bool(dataset.labelled)
+        return labelled[dataset_id]
+
     for i, item in enumerate(items):
-        for field, allowed in get_kind(item.kind).model_tasks:
+        kind = get_kind(item.kind)
+        first_field = kind.model_tasks[0][0] if kind.model_tasks else None
+        for field, allowed in kind.model_tasks:
             ref = getattr(item.input, field, None)
             if ref is None:
                 continue
@@ -160,8 +177,21 @@ def model_task_errors(
                     except (RegistryError, ValueError):
                         tasks_of[ref] = None
             task = tasks_of[ref]
+            item_loc = (*loc, i) if len(loc) > 1 else loc
+            if task is None and kind.model_must_exist:
+                msg = f"{ref!r} names no model version of this tenant's registry"
+                errors.append(
+                    {"loc": (*item_loc, "input", field), "msg": msg, "type": "ModelNotFound", "input": ref}
+                )
+            elif task is not None and task in kind.needs_labels_for_tasks and field == first_field:
+                dataset = labelled_of(getattr(item.input, "dataset_id", None))
+                if dataset is False:
+                    msg = f"{ref!r} is a {task} model; {item.kind} of it needs a labelled dataset"
+                    errors.append(
+                        {"loc": (*item_loc, "input", "dataset_id"), "msg": msg, "type": "unlabelled_dataset",
+                         "input": item.input.dataset_id}
+                    )  # fmt: skip
             if task is not None and task not in allowed:
-                item_loc = (*loc, i) if len(loc) > 1 else loc
                 msg = f"{ref!r} is a {task} model; {item.kind} needs a {' or '.join(allowed)} model here"
                 errors.append(
                     {

@@ -248,6 +248,15 @@ class DatasetList(BaseModel):
     items: list[DatasetOut]
 
 
+class EvaluationOut(BaseModel):
+    dataset_id: str
+    split: str = Field(description='"validation" or "all".')
+    metrics: dict[str, Any]
+    device: str
+    job_id: uuid.UUID | None
+    created_at: datetime
+
+
 class ModelVersionOut(BaseModel):
     version: int
     labels: list[str]
@@ -257,6 +266,14 @@ class ModelVersionOut(BaseModel):
     created_at: datetime
     task: str = Field(default="text-classifier", description="text-classifier, masked-lm or embedder.")
     parent: str | None = Field(default=None, description='The version it was made from, "name:version".')
+    lineage: dict[str, Any] | None = Field(
+        default=None,
+        description="How an optimize job made it: method, options, parent, comparison with the parent, "
+        "recipe steps and the chain of versions it came from.",
+    )
+    evaluations: list[EvaluationOut] = Field(
+        default_factory=list, description="Its evaluate jobs' figures, oldest first."
+    )
 
 
 class ModelOut(BaseModel):

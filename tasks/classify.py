@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from tasks import classifier as clf
 from tasks.context import JobContext, JobError, ResolvedModel
+from tasks.recipes import RECIPE_FILE
 from tasks.registry import JobKind
 from tasks.texts import Texts
 
@@ -38,6 +39,8 @@ class ClassifyResult(BaseModel):
 
 def classifier(ctx: JobContext, resolved: ResolvedModel) -> clf.TextClassifier:
     def load() -> clf.TextClassifier:
+        if (resolved.path / RECIPE_FILE).is_file():
+            return optimized(ctx, resolved)
         try:
             return clf.load_classifier(resolved.path, ctx.device)
         except clf.ClassifierFormatError as exc:
@@ -47,6 +50,25 @@ def classifier(ctx: JobContext, resolved: ResolvedModel) -> clf.TextClassifier:
 
     # Keyed by the version's files, not its name: tenants may each have a "sentiment:1".
     return ctx.models.get(f"classifier:{resolved.path}@{ctx.device}", load)
+
+
+def optimized(ctx: JobContext, resolved: ResolvedModel) -> clf.TextClassifier:
+    """A version `optimize` made: its recipe applied at load (int8 is re-quantised and runs on the
+    CPU even on a GPU worker; fp16/bf16 compute in fp32 off CUDA). Its `nbytes()` counts packed
+    int8 weights, so the model cache charges its real size."""
+    from tasks.optimizing import ModelFormatError, OptimizedClassifier, load_model
+
+    try:
+        model = load_model(resolved.path, ctx.device)
+    except ModelFormatError as exc:
+        raise JobError(
+            "InvalidModel", f"{resolved.name}:{resolved.version} cannot be loaded: {exc}"
+        ) from None
+    if not isinstance(model, OptimizedClassifier):
+        raise JobError(
+            "IncompatibleModel", f"{resolved.name}:{resolved.version} is an embedder, not a classifier"
+        )
+    return model
 
 
 def run(params: ClassifyParams, ctx: JobContext) -> ClassifyResult:

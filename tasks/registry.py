@@ -52,6 +52,12 @@ class JobKind(Generic[P, R]):
     model_tasks: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Whether a stored `dataset_id` must be a labelled dataset (a classifier's data).
     needs_labels: bool = False
+    # Whether it must when the model named by the first `model_tasks` field is of one of these
+    # tasks (evaluate and optimize of a "text-classifier" need labelled rows; of an embedder not).
+    needs_labels_for_tasks: tuple[str, ...] = ()
+    # Whether the `model_tasks` references must resolve at submission (the API answers 422
+    # ModelNotFound naming the field otherwise) rather than only when the job runs.
+    model_must_exist: bool = False
     # Celery time limits in seconds: at the soft one the job fails with Timeout; at the hard one
     # the pool child is killed and the job is failed by the parent. Settings may override them.
     soft_time_limit: float | None = 300

@@ -449,6 +449,20 @@ class Trainer:
             # Per attempt: a stale attempt saving late must not replace a registered version's files.
             out = work_dir / ("model" if self.ctx.attempt is None else f"model-{self.ctx.attempt}")
         artifact_dir = clf.save_classifier(self.model, out)
+        if self.params.dataset_id is not None:
+            # What evaluate and optimize need to find this training's validation rows again.
+            from tasks.evaluation import TRAINING_FILE, TrainingRecord, rows_sha256, training_file_text
+
+            rows = [
+                {"text": t, "label": self.labels[y]} for t, y in zip(self.texts, self.targets, strict=True)
+            ]
+            record = TrainingRecord(
+                dataset_id=self.params.dataset_id,
+                seed=self.params.seed,
+                validation_split=self.params.validation_split,
+                rows_sha256=rows_sha256(rows),
+            )
+            (Path(artifact_dir) / TRAINING_FILE).write_text(training_file_text([record]))
         last = self.progress.last_epoch
         return TrainResult(
             model=self.params.model_name,

@@ -14,6 +14,7 @@ from api.schemas import (
     AliasIn,
     AliasOut,
     ErrorOut,
+    EvaluationOut,
     ModelList,
     ModelOut,
     ModelVersionOut,
@@ -21,7 +22,7 @@ from api.schemas import (
     VersionStatsOut,
 )
 from db.models import Model, ModelAlias
-from db.registry import NAME, RegistryError, aliases_of, get_model, list_models, versions_of
+from db.registry import NAME, RegistryError, aliases_of, evaluations_of, get_model, list_models, versions_of
 from db.rollouts import (
     Assignment,
     AssignmentError,
@@ -48,6 +49,7 @@ def name_param() -> Any:
 
 def model_out(session: Session, model: Model) -> ModelOut:
     versions = versions_of(session, model)
+    evaluations = evaluations_of(session, versions)
     return ModelOut(
         name=model.name,
         latest_version=versions[-1].version if versions else None,
@@ -62,6 +64,18 @@ def model_out(session: Session, model: Model) -> ModelOut:
                 created_at=v.created_at,
                 task=v.task,
                 parent=None if v.parent_name is None else f"{v.parent_name}:{v.parent_version}",
+                lineage=v.lineage,
+                evaluations=[
+                    EvaluationOut(
+                        dataset_id=e.dataset_id,
+                        split=e.split,
+                        metrics=e.metrics,
+                        device=e.device,
+                        job_id=e.job_id,
+                        created_at=e.created_at,
+                    )
+                    for e in evaluations[v.id]
+                ],
             )
             for v in versions
         ],
