@@ -30,9 +30,10 @@ def current_principal(
 ) -> Principal:
     if credentials is None:
         raise HTTPException(
-            status_code=401, detail="missing API key (Authorization: Bearer <key>)",
+            status_code=401,
+            detail="missing API key (Authorization: Bearer <key>)",
             headers={"WWW-Authenticate": "Bearer"},
-        )  # fmt: skip
+        )
     principal = authenticate(session, credentials.credentials)
     if principal is None:
         raise HTTPException(

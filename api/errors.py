@@ -66,9 +66,12 @@ async def validation_error(_: Request, exc: Exception) -> JSONResponse:
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     error_id = uuid.uuid4().hex[:12]
     log.error(
-        "unhandled error %s on %s %s", error_id, request.method, request.url.path,
+        "unhandled error %s on %s %s",
+        error_id,
+        request.method,
+        request.url.path,
         exc_info=(type(exc), exc, exc.__traceback__),
-    )  # fmt: skip
+    )
     return JSONResponse(
         status_code=500, content={"detail": f"internal error (id {error_id}); see the API log"}
     )

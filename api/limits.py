@@ -26,9 +26,13 @@ from tensorq.core.settings import Settings
 
 
 def check_limits(
-    request: Request, session: Session, settings: Settings, principal: Principal, items: list[Any],
+    request: Request,
+    session: Session,
+    settings: Settings,
+    principal: Principal,
+    items: list[Any],
     loc: tuple[str, ...],
-) -> None:  # fmt: skip
+) -> None:
     """`items` are validated job bodies; `loc` is where they sit in the request (body, or body.jobs)."""
     errors = (
         request_errors(settings, items, loc)
@@ -121,15 +125,23 @@ def dataset_errors(
         item_loc = (*loc, i) if len(loc) > 1 else loc
         if dataset is None:
             errors.append(
-                {"loc": (*item_loc, "input", "dataset_id"), "msg": "no such dataset", "type": "not_found",
-                 "input": dataset_id}
-            )  # fmt: skip
+                {
+                    "loc": (*item_loc, "input", "dataset_id"),
+                    "msg": "no such dataset",
+                    "type": "not_found",
+                    "input": dataset_id,
+                }
+            )
         elif not dataset.labelled and get_kind(item.kind).needs_labels:
             msg = f'dataset has no labels (text-only rows); {item.kind} needs {{"text", "label"}} rows'
             errors.append(
-                {"loc": (*item_loc, "input", "dataset_id"), "msg": msg, "type": "unlabelled_dataset",
-                 "input": dataset_id}
-            )  # fmt: skip
+                {
+                    "loc": (*item_loc, "input", "dataset_id"),
+                    "msg": msg,
+                    "type": "unlabelled_dataset",
+                    "input": dataset_id,
+                }
+            )
     return errors
 
 
@@ -188,9 +200,13 @@ def model_task_errors(
                 if dataset is False:
                     msg = f"{ref!r} is a {task} model; {item.kind} of it needs a labelled dataset"
                     errors.append(
-                        {"loc": (*item_loc, "input", "dataset_id"), "msg": msg, "type": "unlabelled_dataset",
-                         "input": item.input.dataset_id}
-                    )  # fmt: skip
+                        {
+                            "loc": (*item_loc, "input", "dataset_id"),
+                            "msg": msg,
+                            "type": "unlabelled_dataset",
+                            "input": item.input.dataset_id,
+                        }
+                    )
             if task is not None and task not in allowed:
                 msg = f"{ref!r} is a {task} model; {item.kind} needs a {' or '.join(allowed)} model here"
                 errors.append(

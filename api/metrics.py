@@ -59,17 +59,25 @@ class ApiMetrics:
     def __init__(self, settings: Settings, publisher: Publisher) -> None:
         self.registry = CollectorRegistry()
         self.submitted = Counter(
-            "tensorq_jobs_submitted", "Jobs accepted by POST /v1/jobs and /v1/jobs:batch", ["kind"],
+            "tensorq_jobs_submitted",
+            "Jobs accepted by POST /v1/jobs and /v1/jobs:batch",
+            ["kind"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.queue_wait = Histogram(
-            "tensorq_job_queue_wait_seconds", "From submission to the start of the job's final attempt", ["kind"],
-            buckets=SECONDS, registry=self.registry,
-        )  # fmt: skip
-        self.run_time = Histogram(
-            "tensorq_job_run_seconds", "From start to final status", ["kind", "status"], buckets=SECONDS,
+            "tensorq_job_queue_wait_seconds",
+            "From submission to the start of the job's final attempt",
+            ["kind"],
+            buckets=SECONDS,
             registry=self.registry,
-        )  # fmt: skip
+        )
+        self.run_time = Histogram(
+            "tensorq_job_run_seconds",
+            "From start to final status",
+            ["kind", "status"],
+            buckets=SECONDS,
+            registry=self.registry,
+        )
         self.registry.register(StateCollector(settings, publisher))
 
     def observe_finished(self, info: dict[str, Any]) -> None:

@@ -135,12 +135,26 @@ class JobSummary(BaseModel):
         if job.error_type is not None:
             error = JobErrorOut(type=job.error_type, message=job.error_message or "")
         return cls(
-            id=job.id, kind=job.kind, status=job.status, model=job.model, model_version=job.model_version, queue=job.queue,
-            progress=job.progress, error=error, metrics=job.metrics, attempts=job.attempts,
-            max_attempts=job.max_attempts, cancel_requested=job.cancel_requested, worker=job.worker,
-            device=job.device, created_at=job.created_at, started_at=job.started_at,
-            finished_at=job.finished_at, webhook=_webhook_out(job), **(payloads or {}),
-        )  # fmt: skip
+            id=job.id,
+            kind=job.kind,
+            status=job.status,
+            model=job.model,
+            model_version=job.model_version,
+            queue=job.queue,
+            progress=job.progress,
+            error=error,
+            metrics=job.metrics,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            cancel_requested=job.cancel_requested,
+            worker=job.worker,
+            device=job.device,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            webhook=_webhook_out(job),
+            **(payloads or {}),
+        )
 
 
 def _webhook_out(job: Job) -> WebhookOut | None:

@@ -62,9 +62,14 @@ def service_round(steps: int, seed: int) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     try:
         params = PretrainParams(
-            dataset_id="bench", model_name="bench", epochs=1, batch_size=BATCH, learning_rate=LR,
-            max_length=LENGTH, seed=seed,
-        )  # fmt: skip
+            dataset_id="bench",
+            model_name="bench",
+            epochs=1,
+            batch_size=BATCH,
+            learning_rate=LR,
+            max_length=LENGTH,
+            seed=seed,
+        )
         ctx = JobContext(load_dataset=lambda _: rows, work_dir=work, attempt=1, report=report)
         result = run_pretrain(params, ctx)
     finally:
@@ -134,8 +139,11 @@ def main() -> None:
     bare: list[dict[str, Any]] = []
     started = time.monotonic()
     for w in range(args.warmup):
-        print(f"warm-up {w + 1}: service {service_round(args.steps, seed=99)['tokens_per_s']:.0f}, "
-              f"bare {bare_round(args.steps, seed=99)['tokens_per_s']:.0f} tokens/s (not counted)", flush=True)  # fmt: skip
+        print(
+            f"warm-up {w + 1}: service {service_round(args.steps, seed=99)['tokens_per_s']:.0f}, "
+            f"bare {bare_round(args.steps, seed=99)['tokens_per_s']:.0f} tokens/s (not counted)",
+            flush=True,
+        )
     for r in range(args.rounds):
         # Alternate which goes first, so neither always follows the other's cache and memory state.
         pair = (service_round, bare_round) if r % 2 == 0 else (bare_round, service_round)

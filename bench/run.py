@@ -147,10 +147,27 @@ def noop_worker(redis_url: str, log_dir: Path) -> Iterator[Callable[[int], list[
     n `apply_async().get()` round trips of it."""
     env = {**os.environ, "BENCH_REDIS_URL": redis_url}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "bench.noop_app", "worker", "-P", "prefork", "-c", "1",
-         "--without-gossip", "--without-mingle", "-l", "WARNING"],
-        env=env, cwd=ROOT, stdout=(log_dir / "noop.log").open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.noop_app",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "WARNING",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=(log_dir / "noop.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     os.environ["BENCH_REDIS_URL"] = redis_url
     from bench.noop_app import noop
 
@@ -239,9 +256,14 @@ def throughput(svc: Service, n: int, via_batch: bool, n_threads: int = 8) -> dic
     cpu_after = cpu_seconds(svc)
     cpu_ms = {g: (cpu_after[g] - cpu_before.get(g, 0.0)) * 1000 / n for g in cpu_after}
     return {
-        "jobs": n, "seconds": elapsed, "submit_seconds": submit_seconds, "sentences_per_s": n / elapsed,
-        "results_read": results, "failed": n - results, "cpu_ms_per_job": cpu_ms,
-    }  # fmt: skip
+        "jobs": n,
+        "seconds": elapsed,
+        "submit_seconds": submit_seconds,
+        "sentences_per_s": n / elapsed,
+        "results_read": results,
+        "failed": n - results,
+        "cpu_ms_per_job": cpu_ms,
+    }
 
 
 def median_throughput(svc: Service, n: int, via_batch: bool, repeat: int) -> dict[str, Any]:
@@ -326,9 +348,11 @@ def lone_jobs(client: httpx.Client, n: int, prefer_wait: bool, idle_s: float = 0
             datetime.fromisoformat(job[k]).timestamp() for k in ("created_at", "started_at", "finished_at")
         )
         for stage, ms in (
-            ("submit", created - sent), ("queue", started - created), ("run", finished - started),
+            ("submit", created - sent),
+            ("queue", started - created),
+            ("run", finished - started),
             ("answer", answered - finished),
-        ):  # fmt: skip
+        ):
             samples[stage].append(ms * 1000)
     return samples
 
@@ -336,10 +360,13 @@ def lone_jobs(client: httpx.Client, n: int, prefer_wait: bool, idle_s: float = 0
 def summary(samples: dict[str, list[float]]) -> dict[str, Any]:
     times = samples["total"]
     return {
-        "p50_ms": pct(times, 50), "p99_ms": pct(times, 99), "mean_ms": statistics.fmean(times), "n": len(times),
+        "p50_ms": pct(times, 50),
+        "p99_ms": pct(times, 99),
+        "mean_ms": statistics.fmean(times),
+        "n": len(times),
         "worker_run_ms_p50": pct(samples["run_ms"], 50),
         "stages_ms_p50": {k: pct(samples[k], 50) for k in ("submit", "queue", "run", "answer")},
-    }  # fmt: skip
+    }
 
 
 def interleaved_latency(
@@ -446,9 +473,11 @@ def rate(run: dict[str, Any]) -> str:
 
 def stage_line(stages: dict[str, float]) -> str:
     names = {
-        "submit": "request -> row created", "queue": "created -> claimed (started_at)",
-        "run": "claimed -> final state written", "answer": "written -> client has it",
-    }  # fmt: skip
+        "submit": "request -> row created",
+        "queue": "created -> claimed (started_at)",
+        "run": "claimed -> final state written",
+        "answer": "written -> client has it",
+    }
     return ", ".join(f"{names[k]} {v:.1f} ms" for k, v in stages.items())
 
 

@@ -313,12 +313,16 @@ def finish_jobs(session: Session, outcomes: Sequence[Outcome]) -> set[uuid.UUID]
         # time at full batches (py-spy, 64-job batches).
         rows = [
             {
-                "id": str(o.job_id), "claim_token": str(o.claim_token), "status": o.status.value,
-                "result": o.result, "error_type": o.error_type, "error_message": o.error_message,
+                "id": str(o.job_id),
+                "claim_token": str(o.claim_token),
+                "status": o.status.value,
+                "result": o.result,
+                "error_type": o.error_type,
+                "error_message": o.error_message,
                 "metrics": o.metrics,
             }
             for o in outcomes
-        ]  # fmt: skip
+        ]
         return set(session.scalars(_finish_batch_statement(), {"final_rows": rows, "now": now}))
     # One job, or SQLite (single writer, no jsonb_to_recordset): an UPDATE per job.
     return {o.job_id for o in outcomes if finish_job(session, o, now) is not None}
@@ -333,11 +337,16 @@ def finish_job(session: Session, outcome: Outcome, now: datetime | None = None) 
     row = session.execute(
         _finish_statement(),
         {
-            "job_id": o.job_id, "p_claim_token": o.claim_token, "p_status": o.status,
-            "p_result": o.result, "p_error_type": o.error_type, "p_error_message": o.error_message,
-            "p_metrics": o.metrics, "now": now or utcnow(),
+            "job_id": o.job_id,
+            "p_claim_token": o.claim_token,
+            "p_status": o.status,
+            "p_result": o.result,
+            "p_error_type": o.error_type,
+            "p_error_message": o.error_message,
+            "p_metrics": o.metrics,
+            "now": now or utcnow(),
         },
-    ).first()  # fmt: skip
+    ).first()
     return None if row is None else dict(row._mapping)
 
 

@@ -40,13 +40,30 @@ def parse_ref(ref: str) -> ModelRef:
 
 
 def create_dataset(
-    session: Session, *, tenant: str, dataset_id: uuid.UUID, name: str | None, path: str, rows: int, labels: list[str],
-    sha256: str, size_bytes: int, labelled: bool = True,
-) -> Dataset:  # fmt: skip
+    session: Session,
+    *,
+    tenant: str,
+    dataset_id: uuid.UUID,
+    name: str | None,
+    path: str,
+    rows: int,
+    labels: list[str],
+    sha256: str,
+    size_bytes: int,
+    labelled: bool = True,
+) -> Dataset:
     dataset = Dataset(
-        id=dataset_id, tenant=tenant, name=name, path=path, rows=rows, labels=labels, sha256=sha256,
-        size_bytes=size_bytes, created_at=utcnow(), labelled=labelled,
-    )  # fmt: skip
+        id=dataset_id,
+        tenant=tenant,
+        name=name,
+        path=path,
+        rows=rows,
+        labels=labels,
+        sha256=sha256,
+        size_bytes=size_bytes,
+        created_at=utcnow(),
+        labelled=labelled,
+    )
     session.add(dataset)
     return dataset
 
@@ -139,9 +156,14 @@ def record_evaluation(
     job_id: uuid.UUID | None,
 ) -> ModelEvaluation:
     row = ModelEvaluation(
-        model_version_id=version.id, dataset_id=dataset_id, split=split, metrics=metrics, device=device,
-        job_id=job_id, created_at=utcnow(),
-    )  # fmt: skip
+        model_version_id=version.id,
+        dataset_id=dataset_id,
+        split=split,
+        metrics=metrics,
+        device=device,
+        job_id=job_id,
+        created_at=utcnow(),
+    )
     session.add(row)
     session.flush()
     return row

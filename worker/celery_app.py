@@ -72,9 +72,12 @@ def _register(kind: JobKind[Any, Any]) -> None:
     soft, hard = get_settings().time_limits.get(kind.name, (kind.soft_time_limit, kind.time_limit))
 
     @app.task(
-        name=kind.task_name, bind=True, soft_time_limit=soft, time_limit=hard,
+        name=kind.task_name,
+        bind=True,
+        soft_time_limit=soft,
+        time_limit=hard,
         Strategy=staticmethod(skipping_strategy(finished_jobs)),  # a class attribute: not bound
-    )  # fmt: skip
+    )
     def run_job(self: Task, job_id: str, *more_job_ids: str) -> str | None:
         # A message names one job, or a group submitted together (see api.routes.jobs.message_groups).
         with job_context(job_id):
@@ -168,9 +171,12 @@ def _fail_on_hard_time_limit(
         job_id = uuid.UUID(str(arg))
         with job_context(job_id), session_scope(get_settings().sqlalchemy_url) as session:
             failed = fail_held_job(
-                session, job_id, worker=_node["name"], error_type="Timeout",
+                session,
+                job_id,
+                worker=_node["name"],
+                error_type="Timeout",
                 message=f"hard time limit exceeded ({exception}); the job's process was killed",
-            )  # fmt: skip
+            )
         if failed:
             log.error("job %s: hard time limit exceeded, failed", job_id, extra={"job_id": str(job_id)})
             get_runner().events.changed([job_id], final=True)

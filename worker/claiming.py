@@ -60,7 +60,11 @@ class Claimer:
             return with_retries(claim, what=f"top up the batch of job {first.id}")
         except Exception as exc:
             log.warning(
-                "job %s: batch top-up failed (%s: %s); going ahead with the %d jobs claimed", first.id,
-                type(exc).__name__, exc, len(jobs), exc_info=not is_transient(exc),
-            )  # fmt: skip
+                "job %s: batch top-up failed (%s: %s); going ahead with the %d jobs claimed",
+                first.id,
+                type(exc).__name__,
+                exc,
+                len(jobs),
+                exc_info=not is_transient(exc),
+            )
             return []

@@ -168,9 +168,11 @@ class Committer:
                 continue
             if rolled is not None:
                 log.warning(
-                    "%s: version %d tripped the alias's guard; rolled back to %s", ref, version,
+                    "%s: version %d tripped the alias's guard; rolled back to %s",
+                    ref,
+                    version,
                     rolled.split or {str(rolled.version): 100},
-                )  # fmt: skip
+                )
 
     def publish_released(self, job_ids: list[uuid.UUID]) -> None:
         """Jobs given back after a transient error go out again after an exponential, jittered delay."""

@@ -84,9 +84,12 @@ def outcome_of_error(job: Job, exc: Exception) -> Outcome:
         return failed(job, "Timeout", str(exc) or "soft time limit exceeded")
     if is_transient(exc):
         log.warning(
-            "job %s: transient %s, will retry: %s", job.id, type(exc).__name__, exc,
+            "job %s: transient %s, will retry: %s",
+            job.id,
+            type(exc).__name__,
+            exc,
             extra={"job_id": str(job.id)},
-        )  # fmt: skip
+        )
         return Outcome(
             job.id,
             job.claim_token,

@@ -23,9 +23,11 @@ batch_size = Histogram(
 )
 in_flight = Gauge("tensorq_worker_jobs_in_flight", "Jobs this process holds right now", registry=registry)
 jobs_finished = Counter(
-    "tensorq_worker_jobs_finished", "Jobs this process finished, by kind and status", ["kind", "status"],
+    "tensorq_worker_jobs_finished",
+    "Jobs this process finished, by kind and status",
+    ["kind", "status"],
     registry=registry,
-)  # fmt: skip
+)
 
 
 class CacheCollector(Collector):

@@ -54,6 +54,10 @@ def skip_if_transient(what: str, job_id: object) -> Iterator[None]:
         if not is_transient(exc):
             raise
         log.warning(
-            "job %s: %s skipped (transient %s: %s)", job_id, what, type(exc).__name__, exc,
+            "job %s: %s skipped (transient %s: %s)",
+            job_id,
+            what,
+            type(exc).__name__,
+            exc,
             extra={"job_id": str(job_id)},
-        )  # fmt: skip
+        )

@@ -113,9 +113,10 @@ class Runner:
         for outcome in outcomes:
             if outcome.job_id not in written:
                 log.warning(
-                    "job %s: lost its claim before finishing; result discarded", outcome.job_id,
+                    "job %s: lost its claim before finishing; result discarded",
+                    outcome.job_id,
                     extra={"job_id": str(outcome.job_id)},
-                )  # fmt: skip
+                )
             elif outcome.job_id not in named:
                 self.finished_in_batches.add(outcome.job_id)  # its own message will come
         if len(jobs) > 1:
@@ -142,9 +143,10 @@ class Runner:
             if self.leases.lost(o.job_id):
                 log.warning(
                     "job %s: lost its lease (no heartbeat landed within it); the job was reaped and "
-                    "may run elsewhere, so this run stopped and writes nothing", o.job_id,
+                    "may run elsewhere, so this run stopped and writes nothing",
+                    o.job_id,
                     extra={"job_id": str(o.job_id)},
-                )  # fmt: skip
+                )
             else:
                 kept.append(o)
         return kept

@@ -93,9 +93,13 @@ class Shadows:
         except Exception as exc:
             error = f"{type(exc).__name__}: {getattr(exc, 'message', None) or exc}"[:MAX_ERROR_CHARS]
             log.warning(
-                "shadow run on %s:%d failed for %d job(s): %s", first.model, first.shadow_version, len(group), error,
+                "shadow run on %s:%d failed for %d job(s): %s",
+                first.model,
+                first.shadow_version,
+                len(group),
+                error,
                 extra={"job_id": str(first.id)},
-            )  # fmt: skip
+            )
             outputs = [None] * len(group)
         run_ms = round((time.perf_counter() - started) * 1000 / len(group), 3)
         now = utcnow()

@@ -51,9 +51,11 @@ def sweep_once(
     while True:
         with session_scope(url) as session:
             pending = jobs_to_publish(
-                session, republish_after=0 if republish_all else settings.republish_after_seconds,
-                limit=PAGE, now=now,
-            )  # fmt: skip
+                session,
+                republish_after=0 if republish_all else settings.republish_after_seconds,
+                limit=PAGE,
+                now=now,
+            )
             messages = [(get_kind(job.kind).task_name, str(job.id), job.queue) for job in pending]
         if messages:
             publisher.publish_many(messages)

@@ -125,16 +125,29 @@ def file_relpath(file_id: str) -> str:
 
 
 def store_file(
-    session: Session, store: ArtifactStore, *, tenant: str, purpose: str, filename: str, data: bytes,
-    lines: int, file_id: str | None = None,
-) -> OpenAIFile:  # fmt: skip
+    session: Session,
+    store: ArtifactStore,
+    *,
+    tenant: str,
+    purpose: str,
+    filename: str,
+    data: bytes,
+    lines: int,
+    file_id: str | None = None,
+) -> OpenAIFile:
     file_id = file_id or new_file_id()
     rel = file_relpath(file_id)
     store.write_atomic(rel, data)
     row = OpenAIFile(
-        id=file_id, tenant=tenant, purpose=purpose, filename=filename[:255] or "upload.jsonl", bytes=len(data),
-        lines=lines, path=rel, created_at=utcnow(),
-    )  # fmt: skip
+        id=file_id,
+        tenant=tenant,
+        purpose=purpose,
+        filename=filename[:255] or "upload.jsonl",
+        bytes=len(data),
+        lines=lines,
+        path=rel,
+        created_at=utcnow(),
+    )
     session.add(row)
     return row
 
@@ -187,11 +200,21 @@ def new_batch(
 ) -> OpenAIBatch:
     now = utcnow()
     batch = OpenAIBatch(
-        id=batch_id, tenant=tenant, endpoint=ENDPOINT, completion_window=COMPLETION_WINDOW,
-        input_file_id=input_file.id, status=BatchStatus.VALIDATING.value, batch_metadata=metadata,
-        total_lines=input_file.lines, submitted_lines=0, submitted_bytes=0, completed_lines=0,
-        failed_lines=0, created_at=now, expires_at=now + timedelta(hours=24),
-    )  # fmt: skip
+        id=batch_id,
+        tenant=tenant,
+        endpoint=ENDPOINT,
+        completion_window=COMPLETION_WINDOW,
+        input_file_id=input_file.id,
+        status=BatchStatus.VALIDATING.value,
+        batch_metadata=metadata,
+        total_lines=input_file.lines,
+        submitted_lines=0,
+        submitted_bytes=0,
+        completed_lines=0,
+        failed_lines=0,
+        created_at=now,
+        expires_at=now + timedelta(hours=24),
+    )
     session.add(batch)
     return batch
 

@@ -38,9 +38,15 @@ _BY_STATUS: dict[int, tuple[str, str | None]] = {
 
 class OpenAIError(Exception):
     def __init__(
-        self, status_code: int, message: str, *, type: str = INVALID_REQUEST, param: str | None = None,
-        code: str | None = None, headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = INVALID_REQUEST,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message

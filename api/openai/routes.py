@@ -181,9 +181,14 @@ async def upload_file(
     def store() -> dict[str, Any]:
         lines = check_batch_file(data, settings)
         row = store_file(
-            session, ArtifactStore(settings.artifact_dir), tenant=principal.tenant, purpose=purpose,
-            filename=file.filename or "batch.jsonl", data=data, lines=lines,
-        )  # fmt: skip
+            session,
+            ArtifactStore(settings.artifact_dir),
+            tenant=principal.tenant,
+            purpose=purpose,
+            filename=file.filename or "batch.jsonl",
+            data=data,
+            lines=lines,
+        )
         session.commit()
         return file_out(row)
 

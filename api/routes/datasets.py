@@ -38,9 +38,15 @@ JSONL_BODY: dict[str, Any] = {
 
 def dataset_out(ds: Dataset) -> DatasetOut:
     return DatasetOut(
-        id=ds.id, name=ds.name, rows=ds.rows, labels=ds.labels, labelled=ds.labelled, sha256=ds.sha256, size_bytes=ds.size_bytes,
+        id=ds.id,
+        name=ds.name,
+        rows=ds.rows,
+        labels=ds.labels,
+        labelled=ds.labelled,
+        sha256=ds.sha256,
+        size_bytes=ds.size_bytes,
         created_at=ds.created_at,
-    )  # fmt: skip
+    )
 
 
 @router.post(
@@ -92,9 +98,17 @@ def store_upload(session: Session, settings: Settings, tenant: str, name: str | 
     store.write_atomic(relpath, data)
     try:
         ds = create_dataset(
-            session, tenant=tenant, dataset_id=dataset_id, name=name, path=relpath, rows=len(parsed.rows),
-            labels=parsed.labels, sha256=parsed.sha256, size_bytes=parsed.size_bytes, labelled=parsed.labelled,
-        )  # fmt: skip
+            session,
+            tenant=tenant,
+            dataset_id=dataset_id,
+            name=name,
+            path=relpath,
+            rows=len(parsed.rows),
+            labels=parsed.labels,
+            sha256=parsed.sha256,
+            size_bytes=parsed.size_bytes,
+            labelled=parsed.labelled,
+        )
         session.commit()
     except Exception:
         if not _maybe_committed(session, dataset_id):

@@ -63,9 +63,14 @@ class WhoAmI(BaseModel):
 
 def key_out(row: ApiKey) -> KeyOut:
     return KeyOut(
-        id=row.id, tenant=row.tenant, prefix=row.prefix, admin=row.admin, label=row.label,
-        created_at=row.created_at, revoked_at=row.revoked_at,
-    )  # fmt: skip
+        id=row.id,
+        tenant=row.tenant,
+        prefix=row.prefix,
+        admin=row.admin,
+        label=row.label,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
 
 
 @router.get("/whoami", response_model=WhoAmI, summary="The caller's tenant, key and limits")
@@ -77,19 +82,27 @@ def whoami(
     s = settings
     datasets, dataset_bytes = dataset_usage(session, principal.tenant)
     return WhoAmI(
-        tenant=principal.tenant, key_id=principal.key_id, admin=principal.admin,
+        tenant=principal.tenant,
+        key_id=principal.key_id,
+        admin=principal.admin,
         limits=Limits(
-            max_active_jobs=s.tenant_max_active_jobs, submit_rate_per_second=s.tenant_submit_rate,
-            submit_burst=s.tenant_submit_burst, max_batch_jobs=s.max_batch_jobs,
-            max_texts_per_job=s.max_texts_per_job, max_datasets=s.tenant_max_datasets,
-            max_dataset_bytes=s.tenant_max_dataset_bytes, max_upload_bytes=s.dataset_max_bytes,
-            max_body_bytes=s.max_body_bytes, list_max_bytes=s.list_max_bytes,
+            max_active_jobs=s.tenant_max_active_jobs,
+            submit_rate_per_second=s.tenant_submit_rate,
+            submit_burst=s.tenant_submit_burst,
+            max_batch_jobs=s.max_batch_jobs,
+            max_texts_per_job=s.max_texts_per_job,
+            max_datasets=s.tenant_max_datasets,
+            max_dataset_bytes=s.tenant_max_dataset_bytes,
+            max_upload_bytes=s.dataset_max_bytes,
+            max_body_bytes=s.max_body_bytes,
+            list_max_bytes=s.list_max_bytes,
         ),
         usage=Usage(
-            active_jobs=count_active_jobs(session, principal.tenant), datasets=datasets,
+            active_jobs=count_active_jobs(session, principal.tenant),
+            datasets=datasets,
             dataset_bytes=dataset_bytes,
         ),
-    )  # fmt: skip
+    )
 
 
 @router.get("/keys", response_model=KeyList, responses=ADMIN_ONLY, summary="The tenant's API keys")

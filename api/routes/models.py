@@ -124,9 +124,13 @@ def assignment_from(body: AliasIn) -> Assignment:
 def alias_out(name: str, row: ModelAlias) -> AliasOut:
     a = assignment_of(row).to_json()
     return AliasOut(
-        model=name, alias=row.alias, version=row.version, split=a["split"] if row.split else None,
-        shadow=a["shadow"], guard=a["guard"],
-    )  # fmt: skip
+        model=name,
+        alias=row.alias,
+        version=row.version,
+        split=a["split"] if row.split else None,
+        shadow=a["shadow"],
+        guard=a["guard"],
+    )
 
 
 @router.put(
@@ -209,16 +213,29 @@ def alias_detail(
         stats.append(VersionStatsOut(role=role, percent=assignment.split.get(v, 0), **s))
     a = assignment.to_json()
     return AliasDetailOut(
-        model=model.name, alias=row.alias, version=row.version, split=a["split"], shadow=a["shadow"],
-        guard=a["guard"], revision=row.revision, updated_at=row.updated_at, window_seconds=window, stats=stats,
+        model=model.name,
+        alias=row.alias,
+        version=row.version,
+        split=a["split"],
+        shadow=a["shadow"],
+        guard=a["guard"],
+        revision=row.revision,
+        updated_at=row.updated_at,
+        window_seconds=window,
+        stats=stats,
         history=[
             AliasChangeOut(
-                action=h.action, from_=h.from_assignment, to=h.to_assignment, at=h.created_at, key_id=h.key_id,
-                reason=h.reason, revision=h.revision,
+                action=h.action,
+                from_=h.from_assignment,
+                to=h.to_assignment,
+                at=h.created_at,
+                key_id=h.key_id,
+                reason=h.reason,
+                revision=h.revision,
             )
             for h in history(session, model, row.alias)
         ],
-    )  # fmt: skip
+    )
 
 
 @router.post(

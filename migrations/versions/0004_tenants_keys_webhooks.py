@@ -54,8 +54,13 @@ def upgrade() -> None:
     _add_tenant_column("jobs")
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("webhook_url", sa.String(length=2083), nullable=True))
-        batch.add_column(sa.Column("webhook_state", sa.Enum("pending", "delivered", "failed",
-                                   name="webhookstate", native_enum=False, length=16), nullable=True))  # fmt: skip
+        batch.add_column(
+            sa.Column(
+                "webhook_state",
+                sa.Enum("pending", "delivered", "failed", name="webhookstate", native_enum=False, length=16),
+                nullable=True,
+            )
+        )
         batch.add_column(sa.Column("webhook_attempts", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("webhook_next_at", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("webhook_error", sa.Text(), nullable=True))

@@ -16,14 +16,39 @@ PER_LABEL_AND_DOMAIN = 60
 OUT = Path(__file__).with_name("sentiment.jsonl")
 
 PRODUCTS = [
-    "blender", "pair of headphones", "laptop bag", "coffee maker", "phone case", "desk lamp",
-    "vacuum cleaner", "pair of running shoes", "backpack", "kettle", "keyboard", "water bottle",
-    "mattress", "tent", "camera", "toaster", "office chair", "electric toothbrush",
-]  # fmt: skip
+    "blender",
+    "pair of headphones",
+    "laptop bag",
+    "coffee maker",
+    "phone case",
+    "desk lamp",
+    "vacuum cleaner",
+    "pair of running shoes",
+    "backpack",
+    "kettle",
+    "keyboard",
+    "water bottle",
+    "mattress",
+    "tent",
+    "camera",
+    "toaster",
+    "office chair",
+    "electric toothbrush",
+]
 FILMS = [
-    "movie", "film", "sequel", "documentary", "thriller", "comedy", "animated film",
-    "horror movie", "romantic comedy", "science fiction film", "period drama", "action movie",
-]  # fmt: skip
+    "movie",
+    "film",
+    "sequel",
+    "documentary",
+    "thriller",
+    "comedy",
+    "animated film",
+    "horror movie",
+    "romantic comedy",
+    "science fiction film",
+    "period drama",
+    "action movie",
+]
 
 ASPECTS = {
     ("product", "positive"): [

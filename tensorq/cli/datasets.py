@@ -68,9 +68,13 @@ def list_(
         table.add_column(column, no_wrap=column in ("ID", "CREATED"))
     for d in found:
         table.add_row(
-            d["id"], d.get("name") or "", str(d["rows"]), ", ".join(d.get("labels") or []), str(d["size_bytes"]),
+            d["id"],
+            d.get("name") or "",
+            str(d["rows"]),
+            ", ".join(d.get("labels") or []),
+            str(d["size_bytes"]),
             timestamp(d["created_at"]),
-        )  # fmt: skip
+        )
     stdout_console().print(table)
 
 

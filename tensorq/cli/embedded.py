@@ -39,15 +39,21 @@ def embedded_redis_command(settings: Settings, var_dir: Path) -> Command:
     return Command(
         [
             redis_server_binary(),
-            "--bind", "127.0.0.1",
-            "--port", str(settings.embedded_redis_port),
-            "--dir", str(data_dir.resolve()),
-            "--appendonly", "yes",
-            "--save", "",
-            "--protected-mode", "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(settings.embedded_redis_port),
+            "--dir",
+            str(data_dir.resolve()),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--protected-mode",
+            "yes",
         ],
         quiet=True,
-    )  # fmt: skip
+    )
 
 
 def embedded_redis_url(settings: Settings) -> str:

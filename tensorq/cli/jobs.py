@@ -402,9 +402,11 @@ class ModelsGroup(TyperGroup):
 
 
 models_app = typer.Typer(
-    cls=ModelsGroup, invoke_without_command=True, no_args_is_help=False,
+    cls=ModelsGroup,
+    invoke_without_command=True,
+    no_args_is_help=False,
     help="Registered models; an alias's splits, shadow, guard, rollback and history.",
-)  # fmt: skip
+)
 
 
 @models_app.callback(epilog=EXIT_CODES)
@@ -423,9 +425,13 @@ def models(ctx: typer.Context, as_json: AsJson = False, api_url: ApiUrl = None) 
     for m in found:
         latest = m["versions"][-1] if m["versions"] else {}
         table.add_row(
-            m["name"], str(m["latest_version"] or ""), str(len(m["versions"])), aliases_text(m["aliases"]),
-            metric(latest.get("metrics", {}), "val_accuracy"), timestamp(m["created_at"]),
-        )  # fmt: skip
+            m["name"],
+            str(m["latest_version"] or ""),
+            str(len(m["versions"])),
+            aliases_text(m["aliases"]),
+            metric(latest.get("metrics", {}), "val_accuracy"),
+            timestamp(m["created_at"]),
+        )
     stdout_console().print(table)
 
 
@@ -449,10 +455,14 @@ def show_model(
     for v in found["versions"]:
         pointing = [a for a, n in found["aliases"].items() if n == v["version"]]
         table.add_row(
-            str(v["version"]), ", ".join(pointing), metric(v["metrics"], "val_accuracy"),
-            metric(v["metrics"], "val_f1"), ", ".join(v["labels"]), v.get("job_id") or "",
+            str(v["version"]),
+            ", ".join(pointing),
+            metric(v["metrics"], "val_accuracy"),
+            metric(v["metrics"], "val_f1"),
+            ", ".join(v["labels"]),
+            v.get("job_id") or "",
             timestamp(v["created_at"]),
-        )  # fmt: skip
+        )
     console.print(table)
 
 
@@ -558,10 +568,16 @@ def alias_history(
     for s in detail["stats"]:
         shadow = s.get("shadow") or {}
         stats.add_row(
-            str(s["version"]), s["role"], f"{s['percent']}%", str(s["jobs"]), str(s["by_status"].get("failed", 0)),
-            number(s["failure_rate"]), number(s["run_ms"]["p50"]), number(s["run_ms"]["p95"]),
+            str(s["version"]),
+            s["role"],
+            f"{s['percent']}%",
+            str(s["jobs"]),
+            str(s["by_status"].get("failed", 0)),
+            number(s["failure_rate"]),
+            number(s["run_ms"]["p50"]),
+            number(s["run_ms"]["p95"]),
             number(shadow.get("agreement")),
-        )  # fmt: skip
+        )
     console.print(stats)
     changes = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for column in ("AT", "ACTION", "FROM", "TO", "BY", "REASON"):

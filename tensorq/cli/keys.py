@@ -45,8 +45,11 @@ def keys_create(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--tenant") from None
     typer.echo(key)
-    typer.echo(f"(key {key_id}, prefix {prefix}, tenant {tenant}{', admin' if admin else ''}; "
-               "store it now, it is not shown again)", err=True)  # fmt: skip
+    typer.echo(
+        f"(key {key_id}, prefix {prefix}, tenant {tenant}{', admin' if admin else ''}; "
+        "store it now, it is not shown again)",
+        err=True,
+    )
 
 
 @keys_app.command("list")
@@ -63,10 +66,14 @@ def keys_list(
         rows = list_keys(session, tenant)
         for k in rows:
             fields = {
-                "id": str(k.id), "tenant": k.tenant, "prefix": k.prefix, "admin": k.admin, "label": k.label,
+                "id": str(k.id),
+                "tenant": k.tenant,
+                "prefix": k.prefix,
+                "admin": k.admin,
+                "label": k.label,
                 "created_at": k.created_at.isoformat(),
                 "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
-            }  # fmt: skip
+            }
             if as_json:
                 typer.echo(json.dumps(fields))
             else:

@@ -101,16 +101,21 @@ def worker(
     celery_app.worker_main(
         [
             "worker",
-            "--pool", pool or settings.worker_pool,
-            "--concurrency", str(concurrency),
-            "--hostname", f"{plan.node}@%h",
-            "--queues", queues or ",".join(queues_for_worker(plan.device != "cpu")),
+            "--pool",
+            pool or settings.worker_pool,
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{plan.node}@%h",
+            "--queues",
+            queues or ",".join(queues_for_worker(plan.device != "cpu")),
             "--task-events",
             "--without-gossip",
             "--without-mingle",
-            "--loglevel", settings.log_level,
+            "--loglevel",
+            settings.log_level,
         ]
-    )  # fmt: skip
+    )
 
 
 def _supervise_gpu_workers(indices: list[str], queues: str | None, concurrency: int, pool: str | None) -> int:
@@ -139,9 +144,15 @@ def flower(
         raise typer.Exit(2)
     env = {**os.environ, "FLOWER_BASIC_AUTH": settings.flower_basic_auth.get_secret_value()}
     argv = [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "flower",
-        f"--port={port or settings.flower_port}", f"--address={address}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app:app",
+        "flower",
+        f"--port={port or settings.flower_port}",
+        f"--address={address}",
+    ]
     os.execve(sys.executable, argv, env)
 
 

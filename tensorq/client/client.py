@@ -193,9 +193,12 @@ def _alias_call(name: str, alias: str, version: int) -> _Call:
 
 
 def _split_call(
-    name: str, alias: str, split: dict[int, int], shadow: tuple[int, int] | None,
+    name: str,
+    alias: str,
+    split: dict[int, int],
+    shadow: tuple[int, int] | None,
     guard: tuple[float, int] | None,
-) -> _Call:  # fmt: skip
+) -> _Call:
     body: dict[str, Any] = {"split": {str(v): p for v, p in split.items()}}
     if shadow is not None:
         body["shadow"] = {"version": shadow[0], "percent": shadow[1]}
@@ -378,18 +381,25 @@ class Client:
         return job
 
     def list(
-        self, status: str | None = None, kind: str | None = None, limit: int = 50, cursor: str | None = None,
+        self,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
         include: Sequence[str] = (),
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> dict[str, Any]:
         """One page, newest first: `{"items": [job, ...], "next_cursor": str | None}`; jobs without
         `input` and `result` unless `include` names them (the page may then hold fewer jobs)."""
         page: dict[str, Any] = self._send(_list_call(status, kind, limit, cursor, include))
         return page
 
     def iter_jobs(
-        self, status: str | None = None, kind: str | None = None, page_size: int = 50,
+        self,
+        status: str | None = None,
+        kind: str | None = None,
+        page_size: int = 50,
         include: Sequence[str] = (),
-    ) -> Iterator[Job]:  # fmt: skip
+    ) -> Iterator[Job]:
         """Every matching job, newest first, following `next_cursor` page by page (in pages no
         larger than the API allows, `TENSORQ_LIST_PAGE_MAX` there)."""
         cursor: str | None = None
@@ -432,9 +442,14 @@ class Client:
         return row
 
     def set_split(
-        self, name: str, alias: str, split: dict[int, int], *, shadow: tuple[int, int] | None = None,
+        self,
+        name: str,
+        alias: str,
+        split: dict[int, int],
+        *,
+        shadow: tuple[int, int] | None = None,
         guard: tuple[float, int] | None = None,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> dict[str, Any]:
         """Split the alias's new jobs between versions (`{3: 90, 4: 10}`, percentages summing to
         100), optionally also running `shadow` = (version, percent) of them on a shadow version, and
         with `guard` = (max_failure_rate, min_jobs) rolling the split back when a candidate fails."""
@@ -533,16 +548,23 @@ class AsyncClient:
         return job
 
     async def list(
-        self, status: str | None = None, kind: str | None = None, limit: int = 50, cursor: str | None = None,
+        self,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
         include: Sequence[str] = (),
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> dict[str, Any]:
         page: dict[str, Any] = await self._send(_list_call(status, kind, limit, cursor, include))
         return page
 
     async def iter_jobs(
-        self, status: str | None = None, kind: str | None = None, page_size: int = 50,
+        self,
+        status: str | None = None,
+        kind: str | None = None,
+        page_size: int = 50,
         include: Sequence[str] = (),
-    ) -> AsyncIterator[Job]:  # fmt: skip
+    ) -> AsyncIterator[Job]:
         cursor: str | None = None
         while True:
             try:
@@ -586,9 +608,14 @@ class AsyncClient:
         return row
 
     async def set_split(
-        self, name: str, alias: str, split: dict[int, int], *, shadow: tuple[int, int] | None = None,
+        self,
+        name: str,
+        alias: str,
+        split: dict[int, int],
+        *,
+        shadow: tuple[int, int] | None = None,
         guard: tuple[float, int] | None = None,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> dict[str, Any]:
         row: dict[str, Any] = await self._send(_split_call(name, alias, split, shadow, guard))
         return row
 

@@ -57,9 +57,12 @@ class EventPublisher:
         if not ids:
             return
         message = {
-            "ids": ids, "finished": finished or [], "running": running, "final": final,
+            "ids": ids,
+            "finished": finished or [],
+            "running": running,
+            "final": final,
             "rows": {str(row["id"]): row for row in rows},
-        }  # fmt: skip
+        }
         payload = orjson.dumps(message)
         if len(payload) > MAX_EVENT_BYTES_WITH_ROWS and message["rows"]:
             message["rows"] = {}  # their waiters read the rows from the database instead

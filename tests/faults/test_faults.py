@@ -59,9 +59,13 @@ def test_mixed_load_survives_worker_kill_redis_restart_and_postgres_restart(
 ) -> None:
     pg = create_database(POSTGRES_ADMIN_URL)
     env = service_env(
-        pg, redis_server.url, tmp_path,
-        TENSORQ_LEASE_SECONDS="4", TENSORQ_SWEEP_INTERVAL_SECONDS="1", TENSORQ_REPUBLISH_AFTER_SECONDS="30",
-    )  # fmt: skip
+        pg,
+        redis_server.url,
+        tmp_path,
+        TENSORQ_LEASE_SECONDS="4",
+        TENSORQ_SWEEP_INTERVAL_SECONDS="1",
+        TENSORQ_REPUBLISH_AFTER_SECONDS="30",
+    )
     svc = start_service(env, tmp_path)
     spare: Proc | None = None
     faults: list[str] = []
@@ -72,9 +76,12 @@ def test_mixed_load_survives_worker_kill_redis_restart_and_postgres_restart(
 
         # Fault 1: SIGKILL the worker (pool child and all) mid-training; a new one takes over.
         wait_until(
-            lambda: any((client.get(f"/v1/jobs/{t}").json()["progress"] or {}).get("epoch", 0) >= 2 for t in training),
-            timeout=240, what="a training job past its first checkpoint (end of epoch 1)",
-        )  # fmt: skip
+            lambda: any(
+                (client.get(f"/v1/jobs/{t}").json()["progress"] or {}).get("epoch", 0) >= 2 for t in training
+            ),
+            timeout=240,
+            what="a training job past its first checkpoint (end of epoch 1)",
+        )
         svc.worker.stop(signal.SIGKILL)
         faults.append("worker SIGKILL")
         embeds += submit_embeds(client, 100, "after-kill")

@@ -54,9 +54,13 @@ def test_job_whose_worker_dies_with_no_attempts_left_fails_with_a_reason(
 ) -> None:
     pg = create_database(POSTGRES_ADMIN_URL)
     env = service_env(
-        pg, redis_server.url, tmp_path, TENSORQ_MAX_ATTEMPTS="1", TENSORQ_LEASE_SECONDS="2",
+        pg,
+        redis_server.url,
+        tmp_path,
+        TENSORQ_MAX_ATTEMPTS="1",
+        TENSORQ_LEASE_SECONDS="2",
         TENSORQ_SWEEP_INTERVAL_SECONDS="0.5",
-    )  # fmt: skip
+    )
     svc = start_service(env, tmp_path)
     try:
         with svc.client() as client:

@@ -52,11 +52,15 @@ def test_pretraining_resumes_on_another_worker_after_sigkill_mid_epoch(
                 json={
                     "kind": "pretrain-mlm",
                     "input": {
-                        "dataset_id": ds.json()["id"], "model_name": "resumed-mlm", "epochs": 2, "batch_size": 16,
-                        "max_length": 16, "learning_rate": 5e-4,
+                        "dataset_id": ds.json()["id"],
+                        "model_name": "resumed-mlm",
+                        "epochs": 2,
+                        "batch_size": 16,
+                        "max_length": 16,
+                        "learning_rate": 5e-4,
                     },
                 },
-            )  # fmt: skip
+            )
             assert r.status_code == 202, r.text
             job_id = r.json()["id"]
 

@@ -67,8 +67,12 @@ def test_a_worker_claims_queued_jobs_only_while_their_texts_fit_one_batch(
     rest stay queued for whichever worker is free."""
     os.killpg(service.worker.popen.pid, signal.SIGSTOP)
     try:
-        body = {"jobs": [{"kind": "embed", "input": {"texts": [f"job {j} text {i}" for i in range(50)]}}
-                         for j in range(5)]}  # fmt: skip
+        body = {
+            "jobs": [
+                {"kind": "embed", "input": {"texts": [f"job {j} text {i}" for i in range(50)]}}
+                for j in range(5)
+            ]
+        }
         r = client.post("/v1/jobs:batch", json=body)
         assert r.status_code == 202, r.text
     finally:
@@ -109,10 +113,17 @@ def test_a_batch_finishes_in_one_statement_and_only_where_the_claim_still_holds(
     tenant = f"finish-{uuid.uuid4().hex[:8]}"
     with session_scope(url) as session:
         ids = [
-            create_job(session, tenant=tenant, kind="embed", params={"texts": [str(i)]}, queue="q-" + tenant,
-                       max_attempts=3, model="m").id
+            create_job(
+                session,
+                tenant=tenant,
+                kind="embed",
+                params={"texts": [str(i)]},
+                queue="q-" + tenant,
+                max_attempts=3,
+                model="m",
+            ).id
             for i in range(4)
-        ]  # fmt: skip
+        ]
     with session_scope(url) as session:
         jobs = claim_jobs(session, [ids[0]], Claimant("w", "cpu", 60), Fill(4))
     assert sorted(j.id for j in jobs) == sorted(ids)

@@ -37,10 +37,17 @@ def fresh_url() -> Iterator[str]:
 def queue_jobs(url: str, n: int, webhook_url: str | None = None) -> list[object]:
     with session_scope(url) as session:
         return [
-            create_job(session, tenant="t", kind="embed", params={"texts": [str(i)]}, queue="inference",
-                       max_attempts=3, webhook_url=webhook_url).id
+            create_job(
+                session,
+                tenant="t",
+                kind="embed",
+                params={"texts": [str(i)]},
+                queue="inference",
+                max_attempts=3,
+                webhook_url=webhook_url,
+            ).id
             for i in range(n)
-        ]  # fmt: skip
+        ]
 
 
 def test_a_batch_top_up_claims_at_most_what_it_asks_for_oldest_first(fresh_url: str) -> None:
@@ -66,10 +73,17 @@ def test_a_batch_is_filled_by_its_texts_not_by_its_number_of_jobs(fresh_url: str
     sizes = [50, 40, 30, 20, 100, 1, 200, 5]
     with session_scope(fresh_url) as session:
         ids = [
-            create_job(session, tenant="t", kind="embed", params={"texts": ["x"] * n}, queue="inference",
-                       max_attempts=3, batch_cost=n).id
+            create_job(
+                session,
+                tenant="t",
+                kind="embed",
+                params={"texts": ["x"] * n},
+                queue="inference",
+                max_attempts=3,
+                batch_cost=n,
+            ).id
             for n in sizes
-        ]  # fmt: skip
+        ]
     with session_scope(fresh_url) as session:
         first = claim_jobs(session, [ids[0]], CLAIM, Fill(128))
     # 50 + 40 + 30 = 120 texts; the next job (20) would make 140.

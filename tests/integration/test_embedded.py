@@ -159,9 +159,13 @@ def test_tensorq_up_restarts_a_killed_worker_redis_api_and_flower_while_the_api_
 ) -> None:
     api_port, flower_port, redis_port = free_port(), free_port(), free_port()
     up, log, output = _start_up(
-        tmp_path, api_port, flower_port, redis_port,
-        TENSORQ_SWEEP_INTERVAL_SECONDS="1", TENSORQ_LEASE_SECONDS="10",
-    )  # fmt: skip
+        tmp_path,
+        api_port,
+        flower_port,
+        redis_port,
+        TENSORQ_SWEEP_INTERVAL_SECONDS="1",
+        TENSORQ_LEASE_SECONDS="10",
+    )
     base = f"http://127.0.0.1:{api_port}"
     health_failures: list[str] = []
     polls = 0
@@ -274,8 +278,10 @@ def test_tensorq_up_restarts_a_killed_worker_redis_api_and_flower_while_the_api_
             submit(f"after the kills {i}")
         wait_until(
             lambda: set(statuses()) <= {"succeeded", "failed"} and statuses(),
-            timeout=150, interval=0.5, what=f"every job finished: {statuses()}",
-        )  # fmt: skip
+            timeout=150,
+            interval=0.5,
+            what=f"every job finished: {statuses()}",
+        )
         assert statuses() == ["succeeded"] * len(accepted), statuses()
         polling.clear()
         poller.join(timeout=10)

@@ -36,9 +36,13 @@ def settings(sqlite_url: str, redis_url: str) -> Settings:
 def new_job(settings: Settings, max_attempts: int = 1) -> uuid.UUID:
     with session_scope(settings.sqlalchemy_url) as session:
         return create_job(
-            session, tenant="t", kind="embed", params={"texts": ["a"]}, queue="inference",
+            session,
+            tenant="t",
+            kind="embed",
+            params={"texts": ["a"]},
+            queue="inference",
             max_attempts=max_attempts,
-        ).id  # fmt: skip
+        ).id
 
 
 def read_final(pubsub: Any, timeout: float = 5) -> list[str]:
@@ -114,10 +118,11 @@ def test_the_sweeper_publishes_every_due_job_in_one_pass(settings: Settings, rep
     queue = f"sweep-{uuid.uuid4().hex[:8]}"
     with session_scope(settings.sqlalchemy_url) as session:
         ids = [
-            create_job(session, tenant="t", kind="embed", params={"texts": [str(i)]}, queue=queue,
-                       max_attempts=3).id
+            create_job(
+                session, tenant="t", kind="embed", params={"texts": [str(i)]}, queue=queue, max_attempts=3
+            ).id
             for i in range(1200)
-        ]  # fmt: skip
+        ]
     with session_scope(settings.sqlalchemy_url) as session:
         if republish_all:
             mark_published(session, ids)  # their messages were in the Redis that restarted

@@ -56,10 +56,16 @@ def api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ap
     db_url = create_database(POSTGRES_ADMIN_URL)
     port = free_port()
     env = service_env(
-        db_url, redis_url, tmp, TENSORQ_LOG_FORMAT="json", TENSORQ_REQUEST_HEADER_TIMEOUT_SECONDS="2",
-        TENSORQ_REQUEST_BODY_TIMEOUT_SECONDS="2", TENSORQ_TENANT_MAX_DATASET_BYTES=str(3 * 4096),
-        TENSORQ_TENANT_SUBMIT_RATE="100000", TENSORQ_TENANT_SUBMIT_BURST="100000",
-    )  # fmt: skip
+        db_url,
+        redis_url,
+        tmp,
+        TENSORQ_LOG_FORMAT="json",
+        TENSORQ_REQUEST_HEADER_TIMEOUT_SECONDS="2",
+        TENSORQ_REQUEST_BODY_TIMEOUT_SECONDS="2",
+        TENSORQ_TENANT_MAX_DATASET_BYTES=str(3 * 4096),
+        TENSORQ_TENANT_SUBMIT_RATE="100000",
+        TENSORQ_TENANT_SUBMIT_BURST="100000",
+    )
     proc = Proc("api", ["api", "--port", str(port)], env, tmp)
     base = f"http://127.0.0.1:{port}"
 

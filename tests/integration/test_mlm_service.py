@@ -193,9 +193,17 @@ def test_a_classifier_fine_tuned_from_the_pretrained_encoder(
     jobs += 1
     started = time.monotonic()
     r = submit(
-        client, "train-text-classifier", dataset_id=ds["id"], base_model="domain:1", epochs=3, batch_size=16,
-        max_seq_length=32, learning_rate=1e-4, seed=0, model_name="crops",
-    )  # fmt: skip
+        client,
+        "train-text-classifier",
+        dataset_id=ds["id"],
+        base_model="domain:1",
+        epochs=3,
+        batch_size=16,
+        max_seq_length=32,
+        learning_rate=1e-4,
+        seed=0,
+        model_name="crops",
+    )
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["id"], timeout=900)
     assert job["status"] == "succeeded", job

@@ -82,8 +82,12 @@ def test_models_and_openai_shaped_errors(oa: openai.OpenAI, service: Service) ->
     assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
     assert missing.value.body["type"] == "invalid_request_error"  # type: ignore[index]
 
-    for bad, param in ((dict(input=""), "input"), (dict(input=[]), "input"), (dict(input=[[1, 2]]), "input"),
-                       (dict(input="x", dimensions=128), "dimensions")):  # fmt: skip
+    for bad, param in (
+        (dict(input=""), "input"),
+        (dict(input=[]), "input"),
+        (dict(input=[[1, 2]]), "input"),
+        (dict(input="x", dimensions=128), "dimensions"),
+    ):
         with pytest.raises(openai.BadRequestError) as refused:
             oa.embeddings.create(model=MODEL, **bad)  # type: ignore[arg-type]
         body = refused.value.body

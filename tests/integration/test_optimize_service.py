@@ -72,9 +72,16 @@ def trained(service: Service) -> Trained:
         texts_dataset = upload(client, [{"text": r["text"]} for r in rows])
         started = time.monotonic()
         job = run_job(
-            service, client, "train-text-classifier", timeout=900, dataset_id=dataset["id"], epochs=1,
-            batch_size=16, max_seq_length=16, model_name=MODEL,
-        )  # fmt: skip
+            service,
+            client,
+            "train-text-classifier",
+            timeout=900,
+            dataset_id=dataset["id"],
+            epochs=1,
+            batch_size=16,
+            max_seq_length=16,
+            model_name=MODEL,
+        )
         print(f"training: {time.monotonic() - started:.1f}s")
         return Trained(rows, dataset, texts_dataset, job)
 
@@ -137,9 +144,14 @@ def test_optimize_registers_a_child_that_classifies(
 ) -> None:
     started = time.monotonic()
     job = run_job(
-        service, client, "optimize", model=f"{MODEL}:1", method=method, dataset_id=trained.dataset["id"],
+        service,
+        client,
+        "optimize",
+        model=f"{MODEL}:1",
+        method=method,
+        dataset_id=trained.dataset["id"],
         options=options,
-    )  # fmt: skip
+    )
     print(f"{method}: {time.monotonic() - started:.1f}s")
     result = job["result"]
     assert result["task"] == "text-classifier" and result["parent"] == {"name": MODEL, "version": 1}
@@ -167,9 +179,15 @@ def test_optimize_registers_a_child_that_classifies(
 
 def test_int8_embedder_embeds_and_evaluates(service: Service, client: httpx.Client, trained: Trained) -> None:
     job = run_job(
-        service, client, "optimize", model=SHIPPED, method="quantize-int8", dataset_id=trained.texts_dataset["id"],
-        options={"calibration_texts": 16, "max_fp32_layers": 1}, model_name="mini-int8",
-    )  # fmt: skip
+        service,
+        client,
+        "optimize",
+        model=SHIPPED,
+        method="quantize-int8",
+        dataset_id=trained.texts_dataset["id"],
+        options={"calibration_texts": 16, "max_fp32_layers": 1},
+        model_name="mini-int8",
+    )
     result = job["result"]
     assert result["task"] == "embedder" and result["kind"] == "embedder"
     assert result["comparison"]["ratios"]["mean_cosine"] > 0.9
@@ -194,16 +212,39 @@ def test_bad_inputs_are_422_and_store_nothing(
     other = service.client(service.new_key("optimize-other"))
     cases: list[tuple[httpx.Client, str, dict[str, Any], str]] = [
         (client, "optimize", {"model": MODEL, "method": "shrink", "dataset_id": labelled}, "method"),
-        (client, "optimize", {"model": MODEL, "method": "prune-ffn", "dataset_id": labelled,
-                              "options": {"keep_fraction": 1.5}}, "keep_fraction"),
-        (client, "optimize", {"model": MODEL, "method": "quantize-int8", "dataset_id": labelled,
-                              "options": {"no_such_option": 1}}, "no_such_option"),
+        (
+            client,
+            "optimize",
+            {
+                "model": MODEL,
+                "method": "prune-ffn",
+                "dataset_id": labelled,
+                "options": {"keep_fraction": 1.5},
+            },
+            "keep_fraction",
+        ),
+        (
+            client,
+            "optimize",
+            {
+                "model": MODEL,
+                "method": "quantize-int8",
+                "dataset_id": labelled,
+                "options": {"no_such_option": 1},
+            },
+            "no_such_option",
+        ),
         (client, "optimize", {"model": MODEL, "method": "distill", "dataset_id": texts}, "dataset_id"),
         (client, "evaluate", {"model": MODEL, "dataset_id": texts}, "dataset_id"),
         (client, "optimize", {"model": f"{MODEL}:99", "method": "distill", "dataset_id": labelled}, "model"),
         (client, "evaluate", {"model": "no-such-model", "dataset_id": labelled}, "model"),
-        (client, "optimize", {"model": SHIPPED, "method": "quantize-int8", "dataset_id": texts}, "model_name"),
-    ]  # fmt: skip
+        (
+            client,
+            "optimize",
+            {"model": SHIPPED, "method": "quantize-int8", "dataset_id": texts},
+            "model_name",
+        ),
+    ]
     with other:
         other_dataset = upload(other, [{"text": r["text"], "label": r["label"]} for r in trained.rows[:10]])
         cases.append(

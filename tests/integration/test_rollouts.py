@@ -60,9 +60,14 @@ def model(service: Service) -> Registered:
             if version == BAD:
                 (root / copy / WEIGHTS_FILE).write_bytes(b"unreadable: not safetensors")
             registered = register_version(
-                session, tenant=tenant, name=name, artifact_path=copy, labels=["negative", "positive"],
-                metrics={}, job_id=None,
-            )  # fmt: skip
+                session,
+                tenant=tenant,
+                name=name,
+                artifact_path=copy,
+                labels=["negative", "positive"],
+                metrics={},
+                job_id=None,
+            )
             assert registered.version == version
     return Registered(name, tenant)
 
@@ -199,15 +204,24 @@ BAD_INPUTS = [
     ({"split": {"1": 50, "2": 50}, "shadow": {"version": 2, "percent": 10}}, ["body", "shadow", "version"]),
     ({"version": 1, "shadow": {"version": 1, "percent": 10}}, ["body", "shadow", "version"]),
     ({"version": 1, "shadow": {"version": 9, "percent": 10}}, ["body", "shadow", "version"]),
-    ({"split": {"1": 50, "2": 50}, "guard": {"max_failure_rate": 1.5, "min_jobs": 20}}, ["body", "guard", "max_failure_rate"]),
-    ({"split": {"1": 50, "2": 50}, "guard": {"max_failure_rate": -0.1, "min_jobs": 20}}, ["body", "guard", "max_failure_rate"]),
-    ({"split": {"1": 50, "2": 50}, "guard": {"max_failure_rate": "0.1", "min_jobs": 20}}, ["body", "guard", "max_failure_rate"]),
+    (
+        {"split": {"1": 50, "2": 50}, "guard": {"max_failure_rate": 1.5, "min_jobs": 20}},
+        ["body", "guard", "max_failure_rate"],
+    ),
+    (
+        {"split": {"1": 50, "2": 50}, "guard": {"max_failure_rate": -0.1, "min_jobs": 20}},
+        ["body", "guard", "max_failure_rate"],
+    ),
+    (
+        {"split": {"1": 50, "2": 50}, "guard": {"max_failure_rate": "0.1", "min_jobs": 20}},
+        ["body", "guard", "max_failure_rate"],
+    ),
     ({"split": {"1": "50", "2": 50}}, ["body", "split", "1"]),
     ({"split": {"1": 50.0, "2": 50}}, ["body", "split", "1"]),
     ({"split": {"x": 100}}, ["body", "split", "x", "[key]"]),
     ({"version": "1"}, ["body", "version"]),
     ({"version": 1, "split": {"1": 100}}, ["body"]),
-]  # fmt: skip
+]
 
 
 def test_bad_input_is_a_422_naming_the_field_and_changes_nothing(
@@ -257,9 +271,19 @@ def cli(service: Service) -> Iterator[Any]:
 def test_cli_split_history_and_rollback(cli: Any, model: Registered) -> None:
     assert cli("models", "split", model.name, "cli", "1=100").exit_code == 0
     done = cli(
-        "models", "split", model.name, "cli", "1=90", "2=10", "--shadow", "3:20",
-        "--guard-max-failure-rate", "0.1", "--guard-min-jobs", "30",
-    )  # fmt: skip
+        "models",
+        "split",
+        model.name,
+        "cli",
+        "1=90",
+        "2=10",
+        "--shadow",
+        "3:20",
+        "--guard-max-failure-rate",
+        "0.1",
+        "--guard-min-jobs",
+        "30",
+    )
     assert done.exit_code == 0, done.output
     assert "1=90% 2=10% shadow 3:20% guard 0.1 over 30 jobs" in done.stdout
     shown = json.loads(cli("models", "history", model.name, "cli", "--json").stdout)

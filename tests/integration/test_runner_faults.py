@@ -41,9 +41,12 @@ ROWS = [{"text": f"good thing number {i}", "label": "pos"} for i in range(8)] + 
 def settings(sqlite_url: str, redis_url: str, tmp_path: Path) -> Settings:
     # A long lease: the heartbeat thread (every third of it) stays out of these tests.
     return Settings(
-        database_url=sqlite_url, redis_url=redis_url, artifact_dir=tmp_path / "artifacts", lease_seconds=600,
+        database_url=sqlite_url,
+        redis_url=redis_url,
+        artifact_dir=tmp_path / "artifacts",
+        lease_seconds=600,
         worker_metrics_port=0,
-    )  # fmt: skip
+    )
 
 
 def training_job(settings: Settings, epochs: int = 2) -> uuid.UUID:
@@ -128,8 +131,11 @@ def test_a_worker_that_lost_its_lease_stops_and_writes_nothing(
     assert f"job {job_id}: lost its lease" in caplog.text
     job = read_job(settings, job_id)
     assert (job.status, job.claim_token, job.worker, job.attempts) == (
-        JobStatus.RUNNING, taken[0], "other@host", 2,
-    )  # fmt: skip
+        JobStatus.RUNNING,
+        taken[0],
+        "other@host",
+        2,
+    )
     work_dir = ArtifactStore(settings.artifact_dir).job_dir(job_id)
     saved = list(work_dir.iterdir()) if work_dir.exists() else []
     assert [p.name for p in saved if p.name.startswith("model")] == []
@@ -180,10 +186,17 @@ def test_a_dropped_connection_in_the_batch_top_up_still_runs_the_jobs_claimed(
     connection (once, or on every retry): the three jobs run and succeed all the same."""
     with session_scope(settings.sqlalchemy_url) as session:
         ids = [
-            create_job(session, tenant="t", kind="embed", params={"texts": [f"text {i}"]}, queue="inference",
-                       max_attempts=3, model="all-MiniLM-L6-v2").id
+            create_job(
+                session,
+                tenant="t",
+                kind="embed",
+                params={"texts": [f"text {i}"]},
+                queue="inference",
+                max_attempts=3,
+                model="all-MiniLM-L6-v2",
+            ).id
             for i in range(3)
-        ]  # fmt: skip
+        ]
     claim = worker.claiming.claim_jobs
     top_up = failing(claim, failures)
 

@@ -106,11 +106,16 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     receiver = Receiver(free_port())
     receiver.start()
     env = service_env(
-        pg_url, redis_server.url, tmp,
-        TENSORQ_WEBHOOK_ALLOWED_NETWORKS='["127.0.0.0/8"]', TENSORQ_WEBHOOK_RETRY_BASE_SECONDS="0.3",
-        TENSORQ_WEBHOOK_MAX_ATTEMPTS="3", TENSORQ_WEBHOOK_TIMEOUT_SECONDS="2",
-        TENSORQ_FLOWER_BASIC_AUTH=":".join(FLOWER_AUTH), TENSORQ_LOG_LEVEL="DEBUG",
-    )  # fmt: skip
+        pg_url,
+        redis_server.url,
+        tmp,
+        TENSORQ_WEBHOOK_ALLOWED_NETWORKS='["127.0.0.0/8"]',
+        TENSORQ_WEBHOOK_RETRY_BASE_SECONDS="0.3",
+        TENSORQ_WEBHOOK_MAX_ATTEMPTS="3",
+        TENSORQ_WEBHOOK_TIMEOUT_SECONDS="2",
+        TENSORQ_FLOWER_BASIC_AUTH=":".join(FLOWER_AUTH),
+        TENSORQ_LOG_LEVEL="DEBUG",
+    )
     svc = start_service(env, tmp)
     flower_port = free_port()
     flower = Proc("flower", ["flower", "--port", str(flower_port)], env, tmp)
@@ -154,9 +159,12 @@ def test_webhooks_are_signed_retried_and_match_the_job(secured: Secured) -> None
         assert job.status_code == 202, job.text
         done = wait_job(client, job.json()["id"])
         final = wait_until(
-            lambda: (j := client.get(f"/v1/jobs/{done['id']}").json())["webhook"]["state"] == "delivered" and j,
-            timeout=30, what="webhook delivered",
-        )  # fmt: skip
+            lambda: (
+                (j := client.get(f"/v1/jobs/{done['id']}").json())["webhook"]["state"] == "delivered" and j
+            ),
+            timeout=30,
+            what="webhook delivered",
+        )
     assert final["webhook"]["attempts"] == 2 and final["webhook"]["error"] is None
     calls = receiver.to("/flaky")
     assert len(calls) == 2  # the 500 was retried
@@ -176,8 +184,14 @@ def test_a_slow_or_dead_receiver_never_holds_up_jobs(secured: Secured) -> None:
     svc, receiver = secured.svc, secured.receiver
     dead = f"http://127.0.0.1:{free_port()}/gone"
     with svc.client() as client:
-        slow = client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["s"]},
-                           "webhook": f"http://127.0.0.1:{receiver.port}/slow"}).json()  # fmt: skip
+        slow = client.post(
+            "/v1/jobs",
+            json={
+                "kind": "embed",
+                "input": {"texts": ["s"]},
+                "webhook": f"http://127.0.0.1:{receiver.port}/slow",
+            },
+        ).json()
         gone = client.post(
             "/v1/jobs", json={"kind": "embed", "input": {"texts": ["d"]}, "webhook": dead}
         ).json()
@@ -192,8 +206,9 @@ def test_a_slow_or_dead_receiver_never_holds_up_jobs(secured: Secured) -> None:
         assert time.monotonic() - started < 8  # well before the slow receiver answers (10 s)
         failed = wait_until(
             lambda: (j := client.get(f"/v1/jobs/{gone['id']}").json())["webhook"]["state"] == "failed" and j,
-            timeout=60, what="webhook to a dead port given up",
-        )  # fmt: skip
+            timeout=60,
+            what="webhook to a dead port given up",
+        )
         assert failed["status"] == "succeeded" and failed["webhook"]["attempts"] == 3
         assert "ConnectError" in failed["webhook"]["error"] and "/gone" not in failed["webhook"]["error"]
         assert client.get(f"/v1/jobs/{slow['id']}").json()["status"] == "succeeded"
@@ -205,16 +220,24 @@ def test_secrets_never_reach_logs_job_rows_or_flower(secured: Secured) -> None:
     with svc.client() as client:
         # Some failures too: a bad key, a bad webhook, a job that fails.
         assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {svc.api_key}x"}).status_code == 401
-        assert client.post("/v1/jobs", json={"kind": "embed", "input": {"texts": ["x"]},
-                           "webhook": "http://10.1.2.3/h"}).status_code == 422  # fmt: skip
+        assert (
+            client.post(
+                "/v1/jobs", json={"kind": "embed", "input": {"texts": ["x"]}, "webhook": "http://10.1.2.3/h"}
+            ).status_code
+            == 422
+        )
         bad = client.post("/v1/jobs", json={"kind": "classify", "input": {"model": "nope", "texts": ["x"]}})
         assert wait_job(client, bad.json()["id"])["status"] == "failed"
     # Flower requires its password, and shows tasks by job id only.
     assert httpx.get(f"{secured.flower_url}/api/tasks", timeout=10).status_code == 401
     tasks = wait_until(
-        lambda: (r := httpx.get(f"{secured.flower_url}/api/tasks", auth=FLOWER_AUTH, timeout=10)).json() and r.text,
-        timeout=30, what="tasks in Flower",
-    )  # fmt: skip
+        lambda: (
+            (r := httpx.get(f"{secured.flower_url}/api/tasks", auth=FLOWER_AUTH, timeout=10)).json()
+            and r.text
+        ),
+        timeout=30,
+        what="tasks in Flower",
+    )
     with psycopg.connect(secured.pg_url) as conn:
         rows = json.dumps(conn.execute("SELECT * FROM jobs").fetchall(), default=str)
         keys = json.dumps(conn.execute("SELECT * FROM api_keys").fetchall(), default=str)

@@ -45,17 +45,26 @@ def owned(service: Service) -> Iterator[Owned]:
     # A job no worker serves (it requires a GPU, which the API now refuses at submission when no
     # GPU worker runs), written past the API, so it stays queued and cancellable.
     queued = insert_queued_row(
-        service.env["TENSORQ_DATABASE_URL"], f"acme-{suffix}", "embed", {"texts": ["q"]}, published=True,
+        service.env["TENSORQ_DATABASE_URL"],
+        f"acme-{suffix}",
+        "embed",
+        {"texts": ["q"]},
+        published=True,
         queue="gpu.inference",
-    )  # fmt: skip
+    )
     dataset = a.post("/v1/datasets", content=ROWS, params={"name": "acme-rows"}).json()["id"]
     model = f"secret-{suffix}"
     url = Settings(database_url=service.env["TENSORQ_DATABASE_URL"]).sqlalchemy_url
     with session_scope(url) as session:
         register_version(
-            session, tenant=f"acme-{suffix}", name=model, artifact_path="jobs/none/model",
-            labels=["negative", "positive"], metrics={}, job_id=None,
-        )  # fmt: skip
+            session,
+            tenant=f"acme-{suffix}",
+            name=model,
+            artifact_path="jobs/none/model",
+            labels=["negative", "positive"],
+            metrics={},
+            job_id=None,
+        )
         set_alias(session, f"acme-{suffix}", model, "production", 1)
     key_id = a.post("/v1/keys", json={"label": "second"}).json()["id"]
     yield Owned(a, b, job, queued, dataset, model, key_id)

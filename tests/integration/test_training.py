@@ -69,9 +69,16 @@ def test_dataset_upload_validates_every_line_and_stores_nothing_when_bad(client:
 def test_train_register_alias_and_classify(client: httpx.Client, service: Service) -> None:
     ds = upload(client, SAMPLE).json()
     job = submit_training(
-        client, dataset_id=ds["id"], epochs=3, batch_size=16, max_seq_length=32, learning_rate=1e-4,
-        validation_split=0.2, seed=1, model_name="sentiment",
-    )  # fmt: skip
+        client,
+        dataset_id=ds["id"],
+        epochs=3,
+        batch_size=16,
+        max_seq_length=32,
+        learning_rate=1e-4,
+        validation_split=0.2,
+        seed=1,
+        model_name="sentiment",
+    )
     assert job["model"] == "sentiment"
 
     progress_seen: list[dict[str, Any]] = []
@@ -145,8 +152,9 @@ def test_cancel_a_running_training_job_frees_the_worker(client: httpx.Client) ->
     )
     job = wait_until(
         lambda: (j := client.get(f"/v1/jobs/{job['id']}", params={"wait": 5}).json())["progress"] and j,
-        timeout=120, what="training progress",
-    )  # fmt: skip
+        timeout=120,
+        what="training progress",
+    )
     assert job["status"] == "running"
     r = client.post(f"/v1/jobs/{job['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "running" and r.json()["cancel_requested"]
@@ -184,8 +192,9 @@ def test_training_resumes_from_checkpoint_after_sigkill(redis_url: str, tmp_path
             # Wait until at least one epoch (and so one checkpoint) is done, then SIGKILL the worker.
             wait_until(
                 lambda: (client.get(f"/v1/jobs/{job['id']}").json()["progress"] or {}).get("epoch", 0) >= 2,
-                timeout=180, what="second epoch",
-            )  # fmt: skip
+                timeout=180,
+                what="second epoch",
+            )
             svc.worker.stop(signal.SIGKILL)
             assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
             second = Proc("worker2", ["worker", "--gpus", "none"], env, tmp_path)

@@ -182,9 +182,16 @@ def add_dataset(url: str, tenant: str) -> str:
     dataset_id = uuid.uuid4()
     with session_scope(url) as session:
         create_dataset(
-            session, tenant=tenant, dataset_id=dataset_id, name=None, path=f"datasets/{dataset_id}.jsonl",
-            rows=2, labels=["a", "b"], sha256="0" * 64, size_bytes=10,
-        )  # fmt: skip
+            session,
+            tenant=tenant,
+            dataset_id=dataset_id,
+            name=None,
+            path=f"datasets/{dataset_id}.jsonl",
+            rows=2,
+            labels=["a", "b"],
+            sha256="0" * 64,
+            size_bytes=10,
+        )
     return str(dataset_id)
 
 
@@ -200,9 +207,13 @@ def test_training_on_a_dataset_the_tenant_lacks_is_422_and_stores_nothing(api: T
         r = api.post("/v1/jobs", json=train_on(dataset_id))
         assert r.status_code == 422, r.text
         assert r.json()["detail"] == [
-            {"loc": ["body", "input", "dataset_id"], "msg": "no such dataset", "type": "not_found",
-             "input": dataset_id}
-        ]  # fmt: skip
+            {
+                "loc": ["body", "input", "dataset_id"],
+                "msg": "no such dataset",
+                "type": "not_found",
+                "input": dataset_id,
+            }
+        ]
     waited = api.post("/v1/jobs", json=train_on(theirs), headers={"Prefer": "wait=1"})
     assert waited.status_code == 422 and waited.json()["detail"][0]["loc"] == ["body", "input", "dataset_id"]
     r = api.post("/v1/jobs:batch", json={"jobs": [train_on(mine), train_on(theirs)]})
@@ -315,14 +326,20 @@ def post_raw(api: TestClient, raw: bytes, loc: list[object]) -> list[dict[str, o
     [
         (rb'{"kind": "emb\ud800ed", "input": {"texts": ["a"]}}', ["body", "kind"]),
         (rb'{"kind": "classify", "input": {"model": "m\ud800", "texts": ["a"]}}', ["body", "input", "model"]),
-        (rb'{"kind": "embed", "input": {"texts": ["a"]}, "webhook": "https://h\ud800.example/"}', ["body", "webhook"]),
-        (rb'{"kind": "embed", "input": {"texts": ["a"]}, "webhook": "https://h.example/\ud800"}', ["body", "webhook"]),
+        (
+            rb'{"kind": "embed", "input": {"texts": ["a"]}, "webhook": "https://h\ud800.example/"}',
+            ["body", "webhook"],
+        ),
+        (
+            rb'{"kind": "embed", "input": {"texts": ["a"]}, "webhook": "https://h.example/\ud800"}',
+            ["body", "webhook"],
+        ),
         # pydantic cannot read such a field name, so `loc` is its object and `input` the name.
         (rb'{"kind": "embed", "input": {"texts": ["a"]}, "x\ud800": 1}', ["body"]),
         (rb'{"kind": "embed", "input": {"texts": ["a"], "\udfff": 1}}', ["body", "input"]),
     ],
     ids=["kind", "model-ref", "webhook-host", "webhook-path", "field-name", "input-field-name"],
-)  # fmt: skip
+)
 def test_a_lone_surrogate_echoed_in_the_error_still_gets_a_422(
     api: TestClient, raw: bytes, loc: list[object]
 ) -> None:
@@ -344,35 +361,53 @@ def test_a_lone_surrogate_named_in_a_dataset_error_still_gets_a_422(api: TestCli
     ("raw", "loc", "why"),
     [
         (rb'{"kind": "embed", "input": {"texts": ["ok", "a\u0000b"]}}', ["body", "input", "texts", 1], "NUL"),
-        (rb'{"kind": "classify", "input": {"model": "m", "texts": ["\u0000"]}}', ["body", "input", "texts", 0], "NUL"),
+        (
+            rb'{"kind": "classify", "input": {"model": "m", "texts": ["\u0000"]}}',
+            ["body", "input", "texts", 0],
+            "NUL",
+        ),
         (
             rb'{"kind": "train-text-classifier", "input": {"model_name": "m", "data": [{"text": "a\u0000",'
             rb' "label": "x"}, {"text": "b", "label": "y"}]}}',
-            ["body", "input", "data", 0, "text"], "NUL",
+            ["body", "input", "data", 0, "text"],
+            "NUL",
         ),
         (
             rb'{"kind": "train-text-classifier", "input": {"model_name": "m", "data": [{"text": "a",'
             rb' "label": "x"}, {"text": "b", "label": "y\u0000"}]}}',
-            ["body", "input", "data", 1, "label"], "NUL",
+            ["body", "input", "data", 1, "label"],
+            "NUL",
         ),
         (rb'{"kind": "embed", "input": {"texts": ["a\ud800b"]}}', ["body", "input", "texts", 0], "surrogate"),
-        (rb'{"kind": "classify", "input": {"model": "m", "texts": ["\udc00"]}}', ["body", "input", "texts", 0], "surrogate"),
+        (
+            rb'{"kind": "classify", "input": {"model": "m", "texts": ["\udc00"]}}',
+            ["body", "input", "texts", 0],
+            "surrogate",
+        ),
         (
             rb'{"kind": "train-text-classifier", "input": {"model_name": "m", "data": [{"text": "\ud83d",'
             rb' "label": "x"}, {"text": "b", "label": "y"}]}}',
-            ["body", "input", "data", 0, "text"], "surrogate",
+            ["body", "input", "data", 0, "text"],
+            "surrogate",
         ),
         (
             rb'{"kind": "train-text-classifier", "input": {"model_name": "m", "data": [{"text": "a",'
             rb' "label": "x\udfff"}, {"text": "b", "label": "y"}]}}',
-            ["body", "input", "data", 0, "label"], "surrogate",
+            ["body", "input", "data", 0, "label"],
+            "surrogate",
         ),
     ],
     ids=[
-        "nul-embed", "nul-classify", "nul-train-text", "nul-train-label",
-        "surrogate-embed", "surrogate-classify", "surrogate-train-text", "surrogate-train-label",
+        "nul-embed",
+        "nul-classify",
+        "nul-train-text",
+        "nul-train-label",
+        "surrogate-embed",
+        "surrogate-classify",
+        "surrogate-train-text",
+        "surrogate-train-label",
     ],
-)  # fmt: skip
+)
 def test_text_the_database_cannot_store_is_422_naming_the_field(
     api: TestClient, raw: bytes, loc: list[object], why: str
 ) -> None:

@@ -52,9 +52,15 @@ def finished_jobs(url: str, n: int, texts: int) -> list[str]:
     with session_scope(url) as session:
         for i in range(n):
             job = create_job(
-                session, tenant="unit", kind="embed", params={"texts": [f"text {i}"] * texts},
-                queue="inference", max_attempts=3, model="all-MiniLM-L6-v2", batch_cost=texts,
-            )  # fmt: skip
+                session,
+                tenant="unit",
+                kind="embed",
+                params={"texts": [f"text {i}"] * texts},
+                queue="inference",
+                max_attempts=3,
+                model="all-MiniLM-L6-v2",
+                batch_cost=texts,
+            )
             job.status = JobStatus.SUCCEEDED
             job.result = {"model": "m", "dim": 384, "embeddings": [[0.123456789] * 384] * texts}
             ids.append(str(job.id))
@@ -171,8 +177,14 @@ def test_an_admin_flag_is_never_coerced(api: TestClient, admin: object) -> None:
 def test_versions_and_training_numbers_are_never_coerced(api: TestClient) -> None:
     r = api.put("/v1/models/m/aliases/production", json={"version": "1"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "version"], r.text
-    body = {"kind": "train-text-classifier", "input": {"data": [{"text": "a", "label": "x"},
-            {"text": "b", "label": "y"}], "model_name": "m", "learning_rate": "0.001"}}  # fmt: skip
+    body = {
+        "kind": "train-text-classifier",
+        "input": {
+            "data": [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}],
+            "model_name": "m",
+            "learning_rate": "0.001",
+        },
+    }
     r = api.post("/v1/jobs", json=body)
     assert r.status_code == 422 and ["body", "input", "learning_rate"] in [
         e["loc"] for e in r.json()["detail"]

@@ -78,9 +78,15 @@ def test_the_new_kinds_are_registered() -> None:
 def register(url: str, name: str, task: str) -> None:
     with session_scope(url) as session:
         register_version(
-            session, tenant="unit", name=name, artifact_path=f"models/{name}", labels=[], metrics={},
-            job_id=None, task=task,
-        )  # fmt: skip
+            session,
+            tenant="unit",
+            name=name,
+            artifact_path=f"models/{name}",
+            labels=[],
+            metrics={},
+            job_id=None,
+            task=task,
+        )
 
 
 def test_incompatible_models_are_422_where_the_reference_resolves(api: TestClient) -> None:

@@ -21,9 +21,16 @@ from tests.unit.test_mlm_api import api  # noqa: F401  (the fixture)
 def register(url: str, name: str, task: str, **extra: Any) -> None:
     with session_scope(url) as session:
         register_version(
-            session, tenant="unit", name=name, artifact_path=f"models/{name}", labels=["a", "b"], metrics={},
-            job_id=None, task=task, **extra,
-        )  # fmt: skip
+            session,
+            tenant="unit",
+            name=name,
+            artifact_path=f"models/{name}",
+            labels=["a", "b"],
+            metrics={},
+            job_id=None,
+            task=task,
+            **extra,
+        )
 
 
 def upload(client: TestClient, *rows: dict[str, str]) -> str:
@@ -51,19 +58,32 @@ def test_bad_input_is_422_at_the_field_and_stores_nothing(api: TestClient) -> No
     opt = {"model": "sentiment", "dataset_id": labelled}
     cases: list[tuple[str, dict[str, Any], list[Any]]] = [
         ("optimize", {**opt, "method": "shrink"}, ["body", "input", "method"]),
-        ("optimize", {**opt, "method": "prune-ffn", "options": {"keep_fraction": 1.0}},
-         ["body", "input", "options", "prune-ffn", "keep_fraction"]),
-        ("optimize", {**opt, "method": "distill", "options": {"epochs": 0}},
-         ["body", "input", "options", "distill", "epochs"]),
-        ("optimize", {**opt, "method": "quantize-int8", "options": {"bogus": 1}},
-         ["body", "input", "options", "quantize-int8", "bogus"]),
+        (
+            "optimize",
+            {**opt, "method": "prune-ffn", "options": {"keep_fraction": 1.0}},
+            ["body", "input", "options", "prune-ffn", "keep_fraction"],
+        ),
+        (
+            "optimize",
+            {**opt, "method": "distill", "options": {"epochs": 0}},
+            ["body", "input", "options", "distill", "epochs"],
+        ),
+        (
+            "optimize",
+            {**opt, "method": "quantize-int8", "options": {"bogus": 1}},
+            ["body", "input", "options", "quantize-int8", "bogus"],
+        ),
         ("optimize", {**opt, "method": "distill", "dataset_id": texts}, ["body", "input", "dataset_id"]),
         ("evaluate", {**opt, "dataset_id": texts}, ["body", "input", "dataset_id"]),
         ("optimize", {**opt, "model": "sentiment:2", "method": "distill"}, ["body", "input", "model"]),
         ("evaluate", {**opt, "model": "missing"}, ["body", "input", "model"]),
         ("evaluate", {**opt, "model": "domain"}, ["body", "input", "model"]),  # masked-lm
-        ("optimize", {**opt, "model": minilm.MODEL_NAME, "method": "quantize-int8"}, ["body", "input", "model_name"]),
-    ]  # fmt: skip
+        (
+            "optimize",
+            {**opt, "model": minilm.MODEL_NAME, "method": "quantize-int8"},
+            ["body", "input", "model_name"],
+        ),
+    ]
     for kind, input, loc in cases:
         r = api.post("/v1/jobs", json={"kind": kind, "input": input})
         assert r.status_code == 422, (input, r.text)

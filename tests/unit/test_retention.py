@@ -101,9 +101,15 @@ def dataset(session: Session, store: ArtifactStore, *, age: timedelta, data: byt
     store.write_atomic(relpath, data)
     create_dataset(
         session,
-        tenant="t", dataset_id=dataset_id, name=None, path=relpath, rows=2, labels=["neg", "pos"],
-        sha256="0" * 64, size_bytes=len(data),
-    )  # fmt: skip
+        tenant="t",
+        dataset_id=dataset_id,
+        name=None,
+        path=relpath,
+        rows=2,
+        labels=["neg", "pos"],
+        sha256="0" * 64,
+        size_bytes=len(data),
+    )
     session.flush()
     session.execute(update(Dataset).where(Dataset.id == dataset_id).values(created_at=utcnow() - age))
     session.commit()
@@ -137,9 +143,13 @@ def build_world(session: Session, store: ArtifactStore, model: str = "sentiment"
     job_files(store, recent_ok, {"model/model.safetensors": b"m" * 10})
     register_version(
         session,
-        tenant="t", name=model, artifact_path=f"jobs/{recent_ok}/model", labels=["neg", "pos"], metrics={},
+        tenant="t",
+        name=model,
+        artifact_path=f"jobs/{recent_ok}/model",
+        labels=["neg", "pos"],
+        metrics={},
         job_id=recent_ok,
-    )  # fmt: skip
+    )
     session.commit()
     old_trained = finished_job(
         session, age=OLD, kind="train-text-classifier", result={"model": model, "version": 2}
@@ -147,9 +157,13 @@ def build_world(session: Session, store: ArtifactStore, model: str = "sentiment"
     job_files(store, old_trained, {"model/model.safetensors": b"w" * 2000})
     version = register_version(
         session,
-        tenant="t", name=model, artifact_path=f"jobs/{old_trained}/model", labels=["neg", "pos"], metrics={},
+        tenant="t",
+        name=model,
+        artifact_path=f"jobs/{old_trained}/model",
+        labels=["neg", "pos"],
+        metrics={},
         job_id=old_trained,
-    )  # fmt: skip
+    )
     session.commit()
     assert version.version == 2
 
@@ -158,11 +172,17 @@ def build_world(session: Session, store: ArtifactStore, model: str = "sentiment"
     running = unfinished_job(session, running=True)
     job_files(store, running, {"checkpoint/state.pt": b"r" * 10})
     return World(
-        old_ok=old_ok, old_failed=old_failed, old_cancelled=old_cancelled, old_trained=old_trained,
-        recent_ok=recent_ok, queued=queued, running=running,
-        old_dataset=dataset(session, store, age=OLD), recent_dataset=dataset(session, store, age=RECENT),
+        old_ok=old_ok,
+        old_failed=old_failed,
+        old_cancelled=old_cancelled,
+        old_trained=old_trained,
+        recent_ok=recent_ok,
+        queued=queued,
+        running=running,
+        old_dataset=dataset(session, store, age=OLD),
+        recent_dataset=dataset(session, store, age=RECENT),
         used_dataset=used_dataset,
-    )  # fmt: skip
+    )
 
 
 def snapshot(session: Session, store: ArtifactStore) -> tuple[list[Any], list[Any], list[tuple[str, int]]]:

@@ -369,8 +369,15 @@ def test_celery_speaks_json_only() -> None:
 def finished_job_with_webhook(url: str, hook: str, tenant: str = "acme") -> uuid.UUID:
     with session_scope(url) as session:
         ensure_tenant(session, tenant)
-        job = create_job(session, tenant=tenant, kind="embed", params={"texts": ["a"]}, queue="inference",
-                         max_attempts=3, webhook_url=hook)  # fmt: skip
+        job = create_job(
+            session,
+            tenant=tenant,
+            kind="embed",
+            params={"texts": ["a"]},
+            queue="inference",
+            max_attempts=3,
+            webhook_url=hook,
+        )
         job_id = job.id
     with session_scope(url) as session:
         claimed = claim_job(session, job_id, worker="w", device="cpu", lease_seconds=30)
@@ -550,8 +557,11 @@ class SlowReceivers(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def slow_receivers() -> Iterator[tuple[str, type[SlowReceivers]]]:
-    handler = type("Receivers", (SlowReceivers,), {"arrived": {}, "ended": {}, "cut": set(), "release": threading.Event(),
-                                                   "held_until_other": []})  # fmt: skip
+    handler = type(
+        "Receivers",
+        (SlowReceivers,),
+        {"arrived": {}, "ended": {}, "cut": set(), "release": threading.Event(), "held_until_other": []},
+    )
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

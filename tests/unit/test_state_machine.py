@@ -279,8 +279,16 @@ def test_batch_claim_takes_only_jobs_of_the_same_kind_model_and_queue(session: S
 
 def test_a_batch_claim_adds_jobs_while_their_texts_fit(session: Session) -> None:
     def job(texts: int) -> uuid.UUID:
-        row = create_job(session, tenant="t", kind="embed", params={"texts": ["x"] * texts},
-                         queue="inference", max_attempts=3, model="m", batch_cost=texts)  # fmt: skip
+        row = create_job(
+            session,
+            tenant="t",
+            kind="embed",
+            params={"texts": ["x"] * texts},
+            queue="inference",
+            max_attempts=3,
+            model="m",
+            batch_cost=texts,
+        )
         session.commit()
         return row.id
 

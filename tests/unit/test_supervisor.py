@@ -46,8 +46,9 @@ def test_a_crashed_gpu_worker_is_restarted_and_ctrl_c_reaches_each_worker_once(t
     try:
         wait_until(
             lambda: (tmp_path / "steady.ready").exists() and (tmp_path / "crashy.ready").exists(),
-            timeout=30, what="both workers up, the crashed one started again",
-        )  # fmt: skip
+            timeout=30,
+            what="both workers up, the crashed one started again",
+        )
         os.killpg(supervisor.pid, signal.SIGINT)  # Ctrl-C at the terminal
         assert supervisor.wait(timeout=30) == 0
     finally:
@@ -108,9 +109,15 @@ def fake_supervisor(
         return child
 
     supervisor = Supervisor(
-        commands, label=str, announce=lambda line, _error: lines.append(line), spawn=spawn,
-        cleanup=lambda _pgid: None, clock=clock, sleep=clock.sleep, **kwargs,
-    )  # fmt: skip
+        commands,
+        label=str,
+        announce=lambda line, _error: lines.append(line),
+        spawn=spawn,
+        cleanup=lambda _pgid: None,
+        clock=clock,
+        sleep=clock.sleep,
+        **kwargs,
+    )
     return supervisor, clock, lines, spawned
 
 
