@@ -48,8 +48,13 @@ def get_file(session: Session, file_id: str, tenant: str) -> OpenAIFile | None:
     return row if row is not None and row.tenant == tenant else None
 
 
-def get_batch(session: Session, batch_id: str, tenant: str) -> OpenAIBatch | None:
-    row = session.get(OpenAIBatch, batch_id, populate_existing=True)
+def get_batch(
+    session: Session, batch_id: str, tenant: str, *, for_update: bool = False
+) -> OpenAIBatch | None:
+    """The tenant's batch; `for_update` waits for the batch loop's lock and holds the row, so a
+    change from a request (cancel) is ordered after the loop's step, never interleaved with it:
+    the two touching the batch's jobs in opposite orders had deadlocked (a 500 on cancel)."""
+    row = session.get(OpenAIBatch, batch_id, populate_existing=True, with_for_update=for_update)
     return row if row is not None and row.tenant == tenant else None
 
 

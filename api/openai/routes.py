@@ -294,7 +294,7 @@ def cancel(
     session: Session = Depends(get_session),
     principal: Principal = Depends(current_principal),
 ) -> Response:
-    batch = get_batch(session, batch_id, principal.tenant)
+    batch = get_batch(session, batch_id, principal.tenant, for_update=True)
     if batch is None:
         raise not_found("batch", batch_id)
     cancelled = cancel_batch(session, batch)
