@@ -11,7 +11,6 @@ Saved as a directory that needs nothing but itself to load again:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks import minilm
+from tensorq.core.files import replace_dir
 
 if TYPE_CHECKING:
     import torch
@@ -159,23 +159,11 @@ def save_classifier(classifier: TextClassifier, path: Path) -> Path:
         (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
         classifier.encoder.config.to_json_file(str(tmp / "config.json"))
         classifier.tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    # A directory cannot be os.replace'd over a non-empty one: move the old one aside first.
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def read_config(path: Path) -> ClassifierConfig:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks import classifier as clf
 from tasks import minilm
+from tensorq.core.files import replace_dir
 
 if TYPE_CHECKING:
     import torch
@@ -159,23 +159,11 @@ def save_mlm(mlm: MaskedLM, path: Path | str) -> Path:
         hf_config["tie_word_embeddings"] = True
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         mlm.tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    # A directory cannot be os.replace'd over a non-empty one: move the old one aside first.
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def _read_parts(path: Path) -> tuple[MaskedLMConfig, Any, dict[str, torch.Tensor], Any]:

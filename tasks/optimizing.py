@@ -49,6 +49,7 @@ from tasks.recipes import (
     serving_device,
     write_recipe,
 )
+from tensorq.core.files import replace_dir
 
 if TYPE_CHECKING:
     import torch
@@ -201,7 +202,7 @@ def save_model(model: AnyModel, path: Path | str, recipe: Recipe, extra_files: d
         write_recipe(tmp / "m", recipe)
         for name, text in extra_files.items():
             (tmp / "m" / name).write_text(text)
-        clf._replace_dir(tmp / "m", path)
+        replace_dir(tmp / "m", path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

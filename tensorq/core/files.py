@@ -1,4 +1,4 @@
-"""The one atomic file write: a temporary file beside the target, fsynced, renamed over it.
+"""The one atomic file write (and its directory form): a temporary file beside the target, fsynced, renamed over it.
 
 A reader sees the old file or the new one, never half of one, and a crash leaves no partial file
 under the target's name (only a `.tmp-` file that the next write does not trip over).
@@ -7,6 +7,7 @@ under the target's name (only a `.tmp-` file that the next write does not trip o
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,3 +32,16 @@ def atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> Path:
 
 def atomic_write_bytes(target: Path, data: bytes) -> Path:
     return atomic_write(target, lambda f: f.write(data))
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Puts the finished directory `new` at `target`: a directory cannot be os.replace'd over a
+    non-empty one, so the old one is moved aside first (a reader sees the old or the new)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
