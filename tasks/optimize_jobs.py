@@ -319,7 +319,10 @@ class OptimizeParams(BaseModel):
     def _method_into_options(cls, data: Any) -> Any:
         if isinstance(data, dict):
             options = data.get("options", {})
-            if isinstance(options, dict) and data.get("method") in OPTIONS:
+            method = data.get("method")
+            # `method` is checked as a field; here only a string can name one (a list or an object
+            # is not hashable, and was a 500).
+            if isinstance(options, dict) and isinstance(method, str) and method in OPTIONS:
                 data = {**data, "options": {**options, "method": data["method"]}}
         return data
 

@@ -122,3 +122,14 @@ def test_versions_show_lineage_and_evaluations(api: TestClient) -> None:  # noqa
     assert (
         v2["parent"] == "sentiment:1" and v2["lineage"] == {"method": "prune-ffn"} and v2["evaluations"] == []
     )
+
+
+def test_a_method_that_is_not_a_string_is_a_422_not_a_500(api: TestClient) -> None:  # noqa: F811
+    """Found by schemathesis: a list or an object as `method` made the options validator raise
+    TypeError (unhashable), a 500."""
+    for method in (["int8"], {"a": 1}):
+        body = {"model": minilm.MODEL_NAME, "method": method, "dataset_id": "d", "model_name": "x"}
+        r = api.post("/v1/jobs", json={"kind": "optimize", "input": body})
+        assert r.status_code == 422, r.text
+        assert ["body", "input", "method"] in [e["loc"][:3] for e in r.json()["detail"]], r.text
+    assert job_count(api.sqlite_url) == 0  # type: ignore[attr-defined]
