@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.background import BackgroundLoops
 from api.errors import BodyLimit, CatchAll, install_error_handlers
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
     app.state.settings = settings
     app.state.active_jobs = ActiveJobCounts()
     install_error_handlers(app)
+    app.add_exception_handler(StarletteHTTPException, openai_routes.http_error)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(datasets.router)

@@ -8,9 +8,11 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from api.auth import current_principal
@@ -35,7 +37,7 @@ from api.openai.embeddings import (
     embeddings_body,
     resolve_embedding_model,
 )
-from api.openai.errors import OpenAIError, OpenAIRoute, model_not_found, not_found
+from api.openai.errors import OpenAIError, OpenAIRoute, from_exception, model_not_found, not_found
 from api.openai.schemas import (
     BatchListOut,
     BatchObject,
@@ -340,6 +342,16 @@ class UnknownRoute:
         request = Request(scope, receive)
         error = OpenAIError(404, f"Invalid URL ({request.method} {request.url.path})")
         await error.response()(scope, receive, send)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """The app's handler for HTTP errors raised outside any route (a path no route matches, as one
+    holding a newline, which even the catch-all below cannot match): OpenAI's shape under PREFIX,
+    FastAPI's own everywhere else."""
+    assert isinstance(exc, StarletteHTTPException)
+    if request.url.path.startswith(f"{PREFIX}/"):
+        return from_exception(request, exc).response()
+    return await http_exception_handler(request, exc)
 
 
 # Last, so every route above is tried first.

@@ -108,3 +108,13 @@ def test_crafted_cursors_and_jsonl_bodies_are_4xx_json(
     assert 400 <= response.status_code < 500, (path, response.status_code, response.text[:300])
     assert response.headers["content-type"].startswith("application/json")
     assert "detail" in response.json()
+
+
+def test_a_path_no_route_matches_under_openai_v1_answers_in_openai_shape() -> None:
+    """Found by schemathesis: a model id holding a newline matched no route, not even the
+    catch-all, and answered FastAPI's {"detail"} under /openai/v1."""
+    with TestClient(app, raise_server_exceptions=False) as client:
+        odd = client.get("/openai/v1/models/%0A0", headers=AUTH)
+        plain = client.get("/no/such/path", headers=AUTH)
+    assert odd.status_code == 404 and "message" in odd.json()["error"]
+    assert plain.status_code == 404 and plain.json() == {"detail": "Not Found"}
