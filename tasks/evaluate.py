@@ -8,11 +8,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tasks.context import JobContext, JobError
-from tasks.optimize_jobs import EvaluateParams, EvaluateResult, resolve, run_evaluate
+from tasks.context import JobContext
+from tasks.optimize_jobs import MODEL_TASKS, EvaluateParams, EvaluateResult, check_task, run_evaluate
 from tasks.registry import JobKind
-
-MODEL_TASKS = ("text-classifier", "embedder")
 
 
 class EvaluationRecord(BaseModel):
@@ -36,17 +34,6 @@ def metrics_of(result: EvaluateResult) -> dict[str, Any]:
     dumped = result.model_dump(mode="json")
     keys = ("kind", "classifier", "cosine_to_parent", "speed", "size", "recipe", "split", "parent")
     return {k: dumped[k] for k in keys if dumped.get(k) is not None}
-
-
-def check_task(ref: str, ctx: JobContext) -> None:
-    """The API refused a wrong task at submission where it could; a reference may resolve
-    differently by the time the job runs."""
-    resolved = resolve(ctx, ref)
-    if resolved.task not in MODEL_TASKS:
-        raise JobError(
-            "IncompatibleModel",
-            f"{resolved.name}:{resolved.version} is a {resolved.task} model; a {' or '.join(MODEL_TASKS)} is needed",
-        )
 
 
 def run(params: EvaluateParams, ctx: JobContext) -> EvaluateJobResult:

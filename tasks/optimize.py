@@ -10,12 +10,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from tasks.context import JobContext, JobError
-from tasks.optimize_jobs import OptimizeParams, OptimizeResult, resolve, run_optimize
+from tasks.context import JobContext
+from tasks.optimize_jobs import MODEL_TASKS, OptimizeParams, OptimizeResult, check_task, run_optimize
 from tasks.registry import JobKind
 
 # db.models.ModelVersion.task values (tasks does not import db).
-MODEL_TASKS = ("text-classifier", "embedder")
 REGISTRY_TASKS: dict[str, Literal["text-classifier", "embedder"]] = {
     "classifier": "text-classifier",
     "embedder": "embedder",
@@ -28,17 +27,6 @@ class OptimizeJobResult(OptimizeResult):
         description="Kept on the version: method, options, parent, comparison, recipe steps, and "
         "`chain`, the versions it came from with the method each applied."
     )
-
-
-def check_task(ref: str, ctx: JobContext) -> None:
-    """The API refused a wrong task at submission where it could; a reference may resolve
-    differently by the time the job runs."""
-    resolved = resolve(ctx, ref)
-    if resolved.task not in MODEL_TASKS:
-        raise JobError(
-            "IncompatibleModel",
-            f"{resolved.name}:{resolved.version} is a {resolved.task} model; a {' or '.join(MODEL_TASKS)} is needed",
-        )
 
 
 def run(params: OptimizeParams, ctx: JobContext) -> OptimizeJobResult:

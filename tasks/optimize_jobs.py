@@ -104,6 +104,21 @@ def resolve(ctx: JobContext, ref: str) -> ResolvedModel:
     return ctx.resolve_model(ref)
 
 
+# The registry tasks both kinds take (db.models.ModelVersion.task): not a masked-LM encoder.
+MODEL_TASKS = ("text-classifier", "embedder")
+
+
+def check_task(ref: str, ctx: JobContext) -> None:
+    """The API refused a wrong task at submission where it could; a reference may resolve
+    differently by the time the job runs."""
+    resolved = resolve(ctx, ref)
+    if resolved.task not in MODEL_TASKS:
+        raise JobError(
+            "IncompatibleModel",
+            f"{resolved.name}:{resolved.version} is a {resolved.task} model; a {' or '.join(MODEL_TASKS)} is needed",
+        )
+
+
 def load_served(ctx: JobContext, resolved: ResolvedModel, *, fp32: bool = False) -> Any:
     """The version as serving would run it (recipe applied, device fallbacks), through the cache."""
     from tasks.optimizing import ModelFormatError, load_model
