@@ -11,6 +11,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    LargeBinary,
     DateTime,
     Dialect,
     Enum,
@@ -108,6 +109,31 @@ class ApiKey(Base):
     label: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+
+
+class TenantKey(Base):
+    """A tenant's data key, wrapped by the master key (tensorq/core/crypto.py). The highest version
+    is the active one; older ones remain only while a rotation rewrites what they sealed.
+    No foreign key: jobs may name a tenant without a row, and deleting a tenant deletes these first."""
+
+    __tablename__ = "tenant_keys"
+
+    tenant: Mapped[str] = mapped_column(TENANT, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class KeyCheck(Base):
+    """One row: how to recognise the master key the data keys are wrapped with, and whether rows
+    written before encryption (plaintext) may still be read (until `tensorq encrypt-existing`)."""
+
+    __tablename__ = "key_check"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    master_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    legacy_plaintext: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class WebhookState(enum.StrEnum):

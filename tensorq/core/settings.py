@@ -16,6 +16,14 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///./var/tensorq.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
     artifact_dir: Path = Path("./var/artifacts")
+    # Encryption at rest (tensorq/core/crypto.py): the master key that wraps every tenant's data
+    # key, 32 bytes in base64, given directly or as a file (mode 0600). Required by the API, the
+    # workers and the operator commands; `tensorq up` makes ./var/master.key on first start.
+    master_key: SecretStr | None = None
+    master_key_file: Path | None = None
+    # How long a process keeps using a tenant's active data key before asking the database again:
+    # a rotation waits this long (twice) before it rewrites data, so no writer is left behind.
+    data_key_cache_seconds: float = Field(default=5.0, gt=0, le=300)
     # Port for the embedded redis-server that `tensorq up` starts when TENSORQ_REDIS_URL is not set.
     embedded_redis_port: int = 6390
 
