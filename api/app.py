@@ -16,6 +16,7 @@ from api.metrics import ApiMetrics
 from api.openai import routes as openai_routes
 from api.ratelimit import RateLimiter
 from api.routes import datasets, health, jobs, keys, models
+from db.keys import check_master_key
 from tensorq import __version__
 from tensorq.core.broker import Publisher
 from tensorq.core.events import EventListener, EventPublisher
@@ -28,6 +29,8 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # No API without the right master key (MasterKeyError; `tensorq api` says it in one line).
+        check_master_key(settings)
         publisher = Publisher(settings)
         app.state.publisher = publisher
         metrics = ApiMetrics(settings, publisher)

@@ -3,6 +3,7 @@ PostgreSQL database of its own, and `tensorq api` / `tensorq worker` subprocesse
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import socket
@@ -19,6 +20,10 @@ import psycopg
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
+
+# One master key for this process and every service it starts (they share databases with it).
+MASTER_KEY = os.environ.get("TENSORQ_MASTER_KEY") or base64.b64encode(os.urandom(32)).decode()
+os.environ["TENSORQ_MASTER_KEY"] = MASTER_KEY
 
 
 def free_port() -> int:
@@ -107,6 +112,7 @@ def service_env(database_url: str, redis_url: str, tmp: Path, **extra: str) -> d
         TENSORQ_DATABASE_URL=database_url,
         TENSORQ_REDIS_URL=redis_url,
         TENSORQ_ARTIFACT_DIR=str(tmp / "artifacts"),
+        TENSORQ_MASTER_KEY=MASTER_KEY,
         TENSORQ_SWEEP_INTERVAL_SECONDS="1",
         TENSORQ_WORKER_METRICS_PORT=str(free_port()),
         TENSORQ_LOG_LEVEL="INFO",

@@ -10,21 +10,24 @@ matches (the lease expired and someone else claimed the job) changes nothing and
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import ColumnElement, Integer, and_, bindparam, column, func, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from db.batching import KEY_COLUMNS, BatchKey, same_batch
+from db.keys import keyring_for
 from db.locking import pick_for_update
 from db.models import Job, JobStatus, WebhookState, utcnow
 from db.queries import get_job
+from db.sealing import object_name, seal_json, seal_text
 
 
 @dataclass(frozen=True)
@@ -34,10 +37,14 @@ class Outcome:
     job_id: uuid.UUID
     claim_token: uuid.UUID
     status: JobStatus
+    # Plaintext; `sealed_outcomes` makes the copies whose result is the stored (sealed) text.
     result: dict[str, Any] | None = None
     error_type: str | None = None
     error_message: str | None = None
     metrics: dict[str, Any] | None = None
+    # Whose job it is: its result and error are sealed with that tenant's data key. Unknown (""):
+    # read from the row first.
+    tenant: str = ""
 
 
 def _failed(now: datetime, error_type: str, message: str) -> dict[str, Any]:
@@ -307,6 +314,7 @@ def finish_jobs(session: Session, outcomes: Sequence[Outcome]) -> set[uuid.UUID]
             raise ValueError(f"not a final state: {o.status}")
     if not outcomes:
         return set()
+    outcomes = sealed_outcomes(session, outcomes)
     now = utcnow()
     if len(outcomes) > 1 and session.get_bind().dialect.name == "postgresql":
         # One UPDATE for a whole batch: an UPDATE per job cost the worker about a fifth of its
@@ -331,9 +339,9 @@ def finish_jobs(session: Session, outcomes: Sequence[Outcome]) -> set[uuid.UUID]
 def finish_job(session: Session, outcome: Outcome, now: datetime | None = None) -> dict[str, Any] | None:
     """Write one job's final state in the caller's transaction: the row as written (every
     column, by name), or None when the job was no longer held by `outcome.claim_token`."""
-    o = outcome
-    if not o.status.terminal:
-        raise ValueError(f"not a final state: {o.status}")
+    if not outcome.status.terminal:
+        raise ValueError(f"not a final state: {outcome.status}")
+    (o,) = sealed_outcomes(session, [outcome])
     row = session.execute(
         _finish_statement(),
         {
@@ -348,6 +356,33 @@ def finish_job(session: Session, outcome: Outcome, now: datetime | None = None) 
         },
     ).first()
     return None if row is None else dict(row._mapping)
+
+
+def sealed_outcomes(session: Session, outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """The outcomes with result and error message sealed for their tenants (db/sealing.py)."""
+    unknown = [o.job_id for o in outcomes if not o.tenant]
+    tenants: dict[uuid.UUID, str] = {}
+    if unknown:
+        tenants = dict(session.execute(select(Job.id, Job.tenant).where(Job.id.in_(unknown))).tuples().all())
+    keyring = keyring_for(session.get_bind().engine)
+    sealed = []
+    for o in outcomes:
+        tenant = o.tenant or tenants.get(o.job_id)
+        if tenant is None:  # no such job: the UPDATE matches nothing either
+            sealed.append(o)
+            continue
+        cipher = keyring.cipher(tenant, session.connection())
+        sealed.append(
+            dataclasses.replace(
+                o,
+                tenant=tenant,
+                result=cast(Any, seal_json(cipher, object_name("jobs", o.job_id, "result"), o.result)),
+                error_message=seal_text(
+                    cipher, object_name("jobs", o.job_id, "error_message"), o.error_message
+                ),
+            )
+        )
+    return sealed
 
 
 def _final_state() -> dict[str, Any]:

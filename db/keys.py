@@ -49,9 +49,19 @@ class Keyring:
 
     # The master key
 
-    def verify(self) -> None:
-        """MasterKeyError unless the master key is this database's; the first start records it."""
+    def verify(self, *, record: bool = True) -> None:
+        """MasterKeyError unless the master key is this database's; the first start records it
+        and gives every tenant without a data key one. `record=False` only reads (a first use in
+        the middle of someone's transaction must not write: SQLite has one writer)."""
         mine = fingerprint(self.master)
+        if not record:
+            with self.engine.connect() as conn:
+                row = conn.execute(select(KeyCheck.master_fingerprint, KeyCheck.legacy_plaintext)).first()
+            known = row.master_fingerprint if row is not None else None
+            if known is not None and not hmac.compare_digest(known, mine):
+                raise MasterKeyError(WRONG_KEY)
+            self.legacy_plaintext = bool(row is not None and row.legacy_plaintext)
+            return
         with self.engine.begin() as conn:
             row = conn.execute(select(KeyCheck.master_fingerprint, KeyCheck.legacy_plaintext)).first()
             if row is None:
@@ -152,7 +162,9 @@ class Keyring:
 
     def versions(self, conn: Connection, tenant: str) -> list[int]:
         return list(
-            conn.scalars(select(TenantKey.version).where(TenantKey.tenant == tenant).order_by(TenantKey.version))
+            conn.scalars(
+                select(TenantKey.version).where(TenantKey.tenant == tenant).order_by(TenantKey.version)
+            )
         )
 
     def max_version(self, conn: Connection, tenant: str) -> int:
@@ -168,10 +180,10 @@ def _url_of(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=False)
 
 
-def install_keyring(engine: Engine, settings: Settings) -> Keyring:
+def install_keyring(engine: Engine, settings: Settings, *, record: bool = True) -> Keyring:
     """The keyring of `engine`'s database, built from `settings` and verified (MasterKeyError)."""
     keyring = Keyring(master_key(settings), engine, settings.data_key_cache_seconds)
-    keyring.verify()
+    keyring.verify(record=record)
     with _keyrings_lock:
         _keyrings[_url_of(engine)] = keyring
     return keyring
@@ -179,7 +191,7 @@ def install_keyring(engine: Engine, settings: Settings) -> Keyring:
 
 def keyring_for(engine: Engine) -> Keyring:
     found = _keyrings.get(_url_of(engine))
-    return found if found is not None else install_keyring(engine, get_settings())
+    return found if found is not None else install_keyring(engine, get_settings(), record=False)
 
 
 def check_master_key(settings: Settings) -> Keyring:

@@ -12,6 +12,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, defer
 
 from db.models import Job, JobStatus, utcnow
+from db.sealing import open_column
 
 
 def get_job(session: Session, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
@@ -119,8 +120,15 @@ def job_payloads(
     """{job id: {field: value}} for `fields` among "input" (the params) and "result", read as
     plain columns (kept out of the session's identity map, so freed once serialised)."""
     columns = [PAYLOAD_COLUMNS[f] for f in fields]
-    rows = session.execute(select(Job.id, *columns).where(Job.id.in_(list(job_ids))))
-    return {row[0]: dict(zip(fields, row[1:], strict=True)) for row in rows}
+    rows = session.execute(select(Job.id, Job.tenant, *columns).where(Job.id.in_(list(job_ids))))
+    bind = session.get_bind()
+    return {
+        job_id: {
+            field: open_column(bind, Job, tenant, job_id, PAYLOAD_COLUMNS[field].key, value)
+            for field, value in zip(fields, values, strict=True)
+        }
+        for job_id, tenant, *values in rows
+    }
 
 
 def is_cancel_requested(session: Session, job_id: uuid.UUID) -> bool:

@@ -33,6 +33,7 @@ from sqlalchemy import ColumnElement, LargeBinary, Text, and_, cast, delete, fun
 from sqlalchemy.orm import Session
 
 from db.models import Dataset, Job, JobStatus, Model, ModelVersion, utcnow
+from db.sealing import open_column
 from tensorq.core.artifacts import ArtifactStore, UnsafePath
 
 FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
@@ -245,12 +246,18 @@ def prune_job_dirs(session: Session, store: ArtifactStore, report: PruneReport, 
 
 def _datasets_in_use(session: Session) -> dict[uuid.UUID, list[uuid.UUID]]:
     """Dataset id -> queued or running jobs naming it in their params (they load it when they run)."""
-    named = Job.params["dataset_id"].as_string()
-    rows = session.execute(select(named, Job.id).where(Job.status.in_(UNFINISHED), named.is_not(None)))
+    # The params are sealed (db/sealing.py), so they are opened here rather than read in SQL;
+    # unfinished jobs are bounded by the tenants' active-job quotas.
+    rows = session.execute(select(Job.id, Job.tenant, Job.params).where(Job.status.in_(UNFINISHED)))
+    bind = session.get_bind()
     in_use: dict[uuid.UUID, list[uuid.UUID]] = {}
-    for dataset_id, job_id in rows:
-        with contextlib.suppress(ValueError):  # such a job fails on its own: DatasetNotFound
-            in_use.setdefault(uuid.UUID(dataset_id), []).append(job_id)
+    for job_id, tenant, sealed in rows:
+        params = open_column(bind, Job, tenant, job_id, "params", sealed)
+        # An unreadable job still protects nothing: it fails on its own (DataIntegrityError).
+        dataset_id = params.get("dataset_id") if isinstance(params, dict) else None
+        if isinstance(dataset_id, str):
+            with contextlib.suppress(ValueError):  # such a job fails on its own: DatasetNotFound
+                in_use.setdefault(uuid.UUID(dataset_id), []).append(job_id)
     return in_use
 
 

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from db.models import AliasChange, Job, JobStatus, Model, ModelAlias, ModelVersion, ShadowRun, utcnow
 from db.registry import NAME_RE, RegistryError, get_model, parse_ref
+from db.sealing import Unreadable, open_column
 
 MAX_SPLIT_VERSIONS = 4
 # Finished jobs per version whose run times and labels the statistics read (newest first).
@@ -444,12 +445,15 @@ def version_stats(
         labels: Counter[str] = Counter()
         if c["succeeded"] or c["failed"]:
             sample = session.execute(
-                select(Job.started_at, Job.finished_at, Job.result)
+                select(Job.id, Job.started_at, Job.finished_at, Job.result)
                 .where(*scope, Job.model_version == version, Job.status == JobStatus.SUCCEEDED)
                 .order_by(Job.created_at.desc())
                 .limit(STATS_SAMPLE)
             )
-            for started, finished, result in sample:
+            for job_id, started, finished, sealed in sample:
+                result = open_column(session.get_bind(), Job, tenant, job_id, "result", sealed)
+                if isinstance(result, Unreadable):
+                    continue
                 if started is not None and finished is not None:
                     run_ms.append((finished - started).total_seconds() * 1000)
                 for prediction in (result or {}).get("predictions", []) or []:

@@ -15,7 +15,11 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from sqlalchemy import Engine
+
+from db.keys import keyring_for
 from db.models import Job, UTCDateTime
+from db.sealing import open_row
 
 
 @lru_cache(maxsize=1)
@@ -37,12 +41,16 @@ def job_snapshot(row: Mapping[str, Any]) -> dict[str, Any]:
     return {col.key: row[col.key] for col in Job.__table__.columns}
 
 
-def job_from_snapshot(snapshot: Mapping[str, Any]) -> Job:
-    """A detached, read-only Job as the snapshot describes it; KeyError if a column is missing."""
+def job_from_snapshot(snapshot: Mapping[str, Any], engine: Engine) -> Job:
+    """A detached, read-only Job as the snapshot describes it, its sealed columns opened with the
+    keys of `engine`'s database (the snapshot carries them sealed, as stored); KeyError if a
+    column is missing."""
     decoders = _decoders()
     values = {}
     for col in Job.__table__.columns:
         value = snapshot[col.key]
         decode = decoders.get(col.key)
         values[col.key] = value if value is None or decode is None else decode(value)
-    return Job(**values)
+    job = Job(**values)
+    open_row(keyring_for(engine), Job, job)
+    return job

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from db.keys import keyring_for
 from db.models import ApiKey, Tenant, utcnow
 
 TENANT_NAME = r"[a-z0-9][a-z0-9_-]{0,62}"
@@ -49,6 +50,8 @@ def ensure_tenant(session: Session, name: str) -> Tenant:
         tenant = Tenant(name=name, webhook_secret=new_webhook_secret(), created_at=utcnow())
         session.add(tenant)
         session.flush()
+        # Its data key, in the same transaction (tensorq/core/crypto.py).
+        keyring_for(session.get_bind().engine).active(name, session.connection())
     return tenant
 
 

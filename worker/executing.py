@@ -14,8 +14,10 @@ from pydantic import BaseModel, ValidationError
 
 from db.jobs import Outcome
 from db.models import Job, JobStatus
+from db.sealing import check_readable
 from tasks.context import JobCancelled, JobContext, JobError, JobTimeout
 from tasks.registry import JobKind
+from tensorq.core.crypto import DataIntegrityError
 from tensorq.core.settings import Settings
 from worker import metrics
 from worker.job_context import JobContexts, pins_of
@@ -75,6 +77,7 @@ def failed(job: Job, error_type: str, message: str) -> Outcome:
         JobStatus.FAILED,
         error_type=error_type,
         error_message=message[:MAX_ERROR_CHARS],
+        tenant=job.tenant,
     )
 
 
@@ -96,13 +99,18 @@ def outcome_of_error(job: Job, exc: Exception) -> Outcome:
             JobStatus.QUEUED,
             error_type=type(exc).__name__,
             error_message=(str(exc) or repr(exc))[:MAX_ERROR_CHARS],
+            tenant=job.tenant,
         )
     if isinstance(exc, JobCancelled):
-        return Outcome(job.id, job.claim_token, JobStatus.CANCELLED)
+        return Outcome(job.id, job.claim_token, JobStatus.CANCELLED, tenant=job.tenant)
     if isinstance(exc, JobError):
         return failed(job, exc.error_type, exc.message)
     if isinstance(exc, ValidationError):
         return failed(job, "InvalidParams", str(exc))
+    if isinstance(exc, DataIntegrityError):
+        # Tampered or misplaced data: never run on it. The message names the object, not its content.
+        log.error("job %s: %s", job.id, exc, extra={"job_id": str(job.id)})
+        return failed(job, DataIntegrityError.error_type, str(exc))
     log.error("job %s: unexpected error", job.id, exc_info=exc, extra={"job_id": str(job.id)})
     return failed(job, type(exc).__name__, str(exc) or repr(exc))
 
@@ -157,10 +165,11 @@ class Executor:
         ctx, progress = self.contexts.for_job(job)
         started, threads = time.perf_counter(), None
         try:
+            check_readable(job.params)
             with torch_threads(self.small_forward(kind, job.params)) as threads:
                 result = kind.run_json(job.params, ctx)
             progress.flush(final=True)
-            outcome = Outcome(job.id, job.claim_token, JobStatus.SUCCEEDED, result=result)
+            outcome = Outcome(job.id, job.claim_token, JobStatus.SUCCEEDED, result=result, tenant=job.tenant)
         except Exception as exc:
             outcome = outcome_of_error(job, self.as_timeout(exc))
         return dataclasses.replace(outcome, metrics=run_metrics(1, started, self.cpu_threads(threads)))
@@ -171,8 +180,9 @@ class Executor:
         valid: list[tuple[Job, BaseModel]] = []
         for job in jobs:
             try:
+                check_readable(job.params)
                 valid.append((job, kind.params.model_validate(job.params)))
-            except ValidationError as exc:
+            except (ValidationError, DataIntegrityError) as exc:
                 outcomes.append(outcome_of_error(job, exc))
         # Claims batch one tenant's jobs together unless the kind reads no tenant data, and jobs of
         # one model version (db.batching); a group named by an older message may still mix them.
@@ -214,6 +224,7 @@ class Executor:
                         JobStatus.SUCCEEDED,
                         result=result.model_dump(mode="json"),
                         metrics=recorded,
+                        tenant=job.tenant,
                     )
                 )
         return outcomes

@@ -123,7 +123,7 @@ async def create_embeddings(
     def load() -> Job | None:
         return fetch_job(session, job_id, principal.tenant)
 
-    job = await follow_job(events, job_id, submit, load, MAX_WAIT_S, until="finished")
+    job = await follow_job(events, session, job_id, submit, load, MAX_WAIT_S, until="finished")
     assert job is not None  # our own job, just committed
     if job.status == JobStatus.SUCCEEDED and job.result is not None:
         return json_response(embeddings_body(job.result, call.options))

@@ -195,7 +195,7 @@ async def submit_job(
         return fetch_job(session, job_id, principal.tenant)
 
     # Submitted inside the watch, so not even a job finished at once can slip past it.
-    found = await follow_job(events, job_id, submit, load, wait, until="finished")
+    found = await follow_job(events, session, job_id, submit, load, wait, until="finished")
     assert found is not None  # our own job, just committed
     headers["Preference-Applied"] = f"wait={wait:g}"
     return model_response(JobOut.from_row(found), 201 if found.status.terminal else 202, headers)
@@ -265,7 +265,7 @@ async def read_job(
     def load() -> Job | None:
         return fetch_job(session, job_id, principal.tenant)
 
-    job = await follow_job(events, job_id, load, load, wait, until)
+    job = await follow_job(events, session, job_id, load, load, wait, until)
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
     return model_response(JobOut.from_row(job))
@@ -273,6 +273,7 @@ async def read_job(
 
 async def follow_job(
     events: EventListener,
+    session: Session,
     job_id: uuid.UUID,
     first: Callable[[], Job | None],
     load: Callable[[], Job | None],
@@ -297,17 +298,17 @@ async def follow_job(
                 await asyncio.wait_for(changed.wait(), remaining)
             row = changed.row
             changed.clear()
-            job = job_from_event(row) or await run_in_threadpool(load)
+            job = job_from_event(row, session) or await run_in_threadpool(load)
     return job
 
 
-def job_from_event(row: dict[str, Any] | None) -> Job | None:
+def job_from_event(row: dict[str, Any] | None, session: Session) -> Job | None:
     """The committed row a finished event carried (see db.snapshots), or None: then the caller
     reads the job (no row sent, or one this version cannot read, as in a rolling upgrade)."""
     if row is None:
         return None
     try:
-        return job_from_snapshot(row)
+        return job_from_snapshot(row, session.get_bind().engine)
     except (KeyError, ValueError, TypeError, AttributeError):
         log.warning("job event row unreadable; reading the job instead", exc_info=True)
         return None

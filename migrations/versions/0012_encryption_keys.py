@@ -44,11 +44,19 @@ def upgrade() -> None:
     )
     bind = op.get_bind()
     existing = any(
-        bind.execute(sa.text(f"SELECT 1 FROM {table} LIMIT 1")).first() is not None  # noqa: S608
+        bind.execute(sa.text(f"SELECT 1 FROM {table} LIMIT 1")).first() is not None
         for table in ("jobs", "datasets", "model_versions", "openai_files")
     )
     op.bulk_insert(
-        check, [{"id": 1, "master_fingerprint": None, "legacy_plaintext": existing, "updated_at": datetime.now(TZ_UTC)}]
+        check,
+        [
+            {
+                "id": 1,
+                "master_fingerprint": None,
+                "legacy_plaintext": existing,
+                "updated_at": datetime.now(TZ_UTC),
+            }
+        ],
     )
 
 

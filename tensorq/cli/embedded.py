@@ -18,8 +18,9 @@ from sqlalchemy.engine import make_url
 from db.session import session_scope
 from db.tenants import create_key, list_keys
 from migrations.run import upgrade
+from tensorq.cli.crypto import require_master_key, write_key_file
 from tensorq.cli.supervisor import Command, Supervisor
-from tensorq.core.settings import Settings
+from tensorq.core.settings import Settings, get_settings
 
 STOP_GRACE_S = 30.0  # each part's time to stop on SIGTERM (a worker finishing its job) before SIGKILL
 
@@ -113,6 +114,14 @@ def run_embedded(settings: Settings, *, flower: bool = True) -> int:
     all (the last started first, Redis last) and returns 0."""
     var_dir = Path("var")
     var_dir.mkdir(exist_ok=True)
+    if settings.master_key is None and settings.master_key_file is None:
+        # A first start makes the master key; later ones use it (docs/security.md: back it up).
+        key_file = var_dir / "master.key"
+        if write_key_file(key_file):
+            print(f"tensorq: created the master key {key_file} (mode 0600); back it up", flush=True)
+        os.environ["TENSORQ_MASTER_KEY_FILE"] = str(key_file.resolve())
+        get_settings.cache_clear()
+        settings = settings.model_copy(update={"master_key_file": key_file.resolve()})
     env = dict(os.environ)
     commands: dict[str, Command] = {}
     redis_url = settings.redis_url
@@ -136,6 +145,7 @@ def run_embedded(settings: Settings, *, flower: bool = True) -> int:
     try:
         print(f"tensorq: migrating {without_password(settings.database_url)}", flush=True)
         upgrade(settings.sqlalchemy_url)
+        require_master_key(settings)
         first_key = create_first_key(settings)
         if "redis" in commands:
             start("redis")

@@ -8,9 +8,12 @@ from typing import Annotated
 
 import typer
 
+from tensorq.cli.crypto import register as register_crypto
+from tensorq.cli.crypto import require_master_key
 from tensorq.cli.datasets import register as register_datasets
 from tensorq.cli.extras import needs
 from tensorq.cli.jobs import register as register_client_commands
+from tensorq.cli.keys import keys_app
 from tensorq.cli.keys import register as register_keys
 from tensorq.cli.retention import register as register_retention
 from tensorq.core.logs import configure_logging
@@ -46,6 +49,7 @@ def api(
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
+    require_master_key(settings)
     uvicorn.run(
         "api.app:create_app",
         factory=True,
@@ -95,6 +99,7 @@ def worker(
         # libgomp reads it once, when torch loads it (not yet imported here).
         os.environ["GOMP_SPINCOUNT"] = str(settings.omp_spin_count)
     configure_logging(settings.log_level, settings.log_format)
+    require_master_key(settings)
     from tensorq.core.broker import queues_for_worker
     from worker.celery_app import app as celery_app
 
@@ -171,3 +176,4 @@ register_retention(app)
 register_keys(app)
 register_client_commands(app)
 register_datasets(app)
+register_crypto(app, keys_app)

@@ -110,9 +110,13 @@ def wrap_data_key(master: bytes, tenant: str, version: int, key: bytes) -> bytes
 
 def unwrap_data_key(master: bytes, tenant: str, version: int, wrapped: bytes) -> bytes:
     try:
-        return AESGCM(master).decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_aad(tenant, version))
+        return AESGCM(master).decrypt(
+            wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _wrap_aad(tenant, version)
+        )
     except InvalidTag:
-        raise MasterKeyError(f"the data key {version} of tenant {tenant!r} does not open with this master key") from None
+        raise MasterKeyError(
+            f"the data key {version} of tenant {tenant!r} does not open with this master key"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -320,11 +320,11 @@ def test_a_finished_row_sent_as_json_reads_back_as_the_stored_job(session: Sessi
     session.commit()
     assert row is not None
     as_json = orjson.loads(orjson.dumps(job_snapshot(row)))
-    sent = job_from_snapshot(as_json)
+    sent = job_from_snapshot(as_json, session.get_bind().engine)
     stored = get_job(session, job_id)
     assert stored is not None
     for column in stored.__table__.columns:
         assert getattr(sent, column.key) == getattr(stored, column.key), column.key
     assert sent.status is JobStatus.SUCCEEDED and sent.finished_at is not None
     with pytest.raises(KeyError):
-        job_from_snapshot({k: v for k, v in as_json.items() if k != "finished_at"})
+        job_from_snapshot({k: v for k, v in as_json.items() if k != "finished_at"}, session.get_bind().engine)
