@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.background import BackgroundLoops
@@ -23,6 +25,8 @@ from tensorq.core.events import EventListener, EventPublisher
 from tensorq.core.presence import Presence
 from tensorq.core.settings import Settings, get_settings
 
+log = logging.getLogger(__name__)
+
 
 def create_app(settings: Settings | None = None, *, run_background: bool = True) -> FastAPI:
     settings = settings or get_settings()
@@ -30,7 +34,11 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # No API without the right master key (MasterKeyError; `tensorq api` says it in one line).
-        check_master_key(settings)
+        # A database not reachable or not migrated yet is /readyz's to report, not a reason to die.
+        try:
+            check_master_key(settings)
+        except SQLAlchemyError as exc:
+            log.warning("master key not checked against the database yet: %s", type(exc).__name__)
         publisher = Publisher(settings)
         app.state.publisher = publisher
         metrics = ApiMetrics(settings, publisher)

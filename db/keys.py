@@ -20,6 +20,7 @@ from db.session import get_engine
 from tensorq.core.crypto import (
     DataKey,
     MasterKeyError,
+    PlainCipher,
     TenantCipher,
     fingerprint,
     generate_key,
@@ -38,11 +39,15 @@ WRONG_KEY = (
 class Keyring:
     """The master key and the data keys unwrapped so far, for one database."""
 
-    def __init__(self, master: bytes, engine: Engine, cache_seconds: float = 5.0) -> None:
+    def __init__(
+        self, master: bytes, engine: Engine, cache_seconds: float = 5.0, *, unencrypted: bool = False
+    ) -> None:
         self.master = master
         self.engine = engine
         self.cache_seconds = cache_seconds
-        self.legacy_plaintext = False
+        # Settings.benchmark_unencrypted: seal nothing, accept plaintext (a benchmark's control run).
+        self.unencrypted = unencrypted
+        self.legacy_plaintext = unencrypted
         self._keys: dict[tuple[str, int], DataKey] = {}
         self._active: dict[str, tuple[DataKey, float]] = {}
         self._lock = threading.Lock()
@@ -60,7 +65,7 @@ class Keyring:
             known = row.master_fingerprint if row is not None else None
             if known is not None and not hmac.compare_digest(known, mine):
                 raise MasterKeyError(WRONG_KEY)
-            self.legacy_plaintext = bool(row is not None and row.legacy_plaintext)
+            self.legacy_plaintext = self.unencrypted or bool(row is not None and row.legacy_plaintext)
             return
         with self.engine.begin() as conn:
             row = conn.execute(select(KeyCheck.master_fingerprint, KeyCheck.legacy_plaintext)).first()
@@ -74,7 +79,7 @@ class Keyring:
                 raise MasterKeyError(WRONG_KEY)
             else:
                 legacy = row.legacy_plaintext
-            self.legacy_plaintext = bool(legacy)
+            self.legacy_plaintext = self.unencrypted or bool(legacy)
             # Every tenant gets its key now, not in the middle of someone's transaction.
             missing = select(Tenant.name).where(~Tenant.name.in_(select(TenantKey.tenant)))
             for (tenant,) in conn.execute(missing).all():
@@ -151,6 +156,8 @@ class Keyring:
     def cipher(self, tenant: str, conn: Connection | None = None) -> TenantCipher:
         """`conn`: a transaction the cipher is used in right away (e.g. a flush), so a key it
         creates is part of it; a cipher kept for later must not be given one."""
+        if self.unencrypted:
+            return PlainCipher(tenant)
         return TenantCipher(tenant, lambda: self.active(tenant, conn), lambda v: self.key(tenant, v))
 
     def forget(self, tenant: str) -> None:
@@ -182,7 +189,12 @@ def _url_of(engine: Engine) -> str:
 
 def install_keyring(engine: Engine, settings: Settings, *, record: bool = True) -> Keyring:
     """The keyring of `engine`'s database, built from `settings` and verified (MasterKeyError)."""
-    keyring = Keyring(master_key(settings), engine, settings.data_key_cache_seconds)
+    keyring = Keyring(
+        master_key(settings),
+        engine,
+        settings.data_key_cache_seconds,
+        unencrypted=settings.benchmark_unencrypted,
+    )
     keyring.verify(record=record)
     with _keyrings_lock:
         _keyrings[_url_of(engine)] = keyring

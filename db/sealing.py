@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any, NoReturn
 
 from sqlalchemy import Connection, Engine, event, inspect
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import Mapper, object_session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from db.keys import Keyring, keyring_for
@@ -158,11 +158,20 @@ def _restore_plain(target: Any) -> None:
 
 
 def _install(table: type) -> None:
+    def keyring_of(target: Any, context: Any) -> Keyring | None:
+        # No context: a bulk UPDATE synchronising the objects it changed in the session.
+        session = context.session if context is not None else object_session(target)
+        return None if session is None else keyring_for(_engine_of(session.get_bind()))
+
     def on_load(target: Any, context: Any) -> None:
-        open_row(keyring_for(_engine_of(context.session.get_bind())), table, target)
+        keyring = keyring_of(target, context)
+        if keyring is not None:
+            open_row(keyring, table, target)
 
     def on_refresh(target: Any, context: Any, attrs: Iterable[str] | None) -> None:
-        open_row(keyring_for(_engine_of(context.session.get_bind())), table, target, attrs)
+        keyring = keyring_of(target, context)
+        if keyring is not None:
+            open_row(keyring, table, target, attrs)
 
     def before_insert(_mapper: Mapper[Any], connection: Connection, target: Any) -> None:
         _seal_row(table, connection, target, update=False)

@@ -59,9 +59,29 @@ def insert_queued_row(
             "INSERT INTO jobs (id, tenant, kind, model, queue, status, params, attempts, max_attempts,"
             " cancel_requested, created_at, updated_at, published_at, webhook_attempts) VALUES (%s, %s,"
             " %s, %s, %s, 'queued', %s, 0, 3, false, now(), now(), CASE WHEN %s THEN now() END, 0)",
-            (job_id, tenant, kind, model, queue, _json.dumps(params), published),
+            (
+                job_id,
+                tenant,
+                kind,
+                model,
+                queue,
+                _json.dumps(sealed_column(pg_url, tenant, job_id, "params", params)),
+                published,
+            ),
         )
     return str(job_id)
+
+
+def sealed_column(database_url: str, tenant: str, job_id: Any, column: str, value: Any) -> str:
+    """What a job column holds for `value` once sealed with the tenant's data key (db/sealing.py),
+    for rows written straight to the database."""
+    from db.keys import tenant_cipher
+    from db.sealing import object_name
+    from tensorq.core.settings import Settings
+
+    cipher = tenant_cipher(Settings(database_url=database_url).sqlalchemy_url, tenant)
+    obj = object_name("jobs", job_id, column)
+    return cipher.seal_text(value, obj) if column == "error_message" else cipher.seal_json(value, obj)
 
 
 def tenant_of(client: httpx.Client) -> str:

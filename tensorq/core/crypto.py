@@ -209,3 +209,32 @@ class TenantCipher:
 
     def open_json(self, value: str, obj: str) -> Any:
         return orjson.loads(self.open(self._text_blob(value, obj), obj))
+
+
+class PlainCipher(TenantCipher):
+    """No encryption: for the benchmark that measures what encryption costs (Settings.benchmark_unencrypted)."""
+
+    def __init__(self, tenant: str) -> None:
+        super().__init__(tenant, _no_key, lambda v: _no_key())
+
+    def seal(self, data: bytes, obj: str) -> bytes:
+        return data
+
+    def open(self, blob: bytes, obj: str) -> bytes:
+        return blob
+
+    def seal_text(self, text: str, obj: str) -> str:
+        return text
+
+    def open_text(self, value: str, obj: str) -> str:
+        return value
+
+    def seal_json(self, value: Any, obj: str) -> Any:
+        return value
+
+    def open_json(self, value: Any, obj: str) -> Any:
+        return value
+
+
+def _no_key() -> DataKey:
+    raise RuntimeError("no data keys: encryption is off (benchmark_unencrypted)")

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     # How long a process keeps using a tenant's active data key before asking the database again:
     # a rotation waits this long (twice) before it rewrites data, so no writer is left behind.
     data_key_cache_seconds: float = Field(default=5.0, gt=0, le=300)
+    # BENCHMARK ONLY (bench/encryption.py measures what sealing costs): store tenants' data
+    # unencrypted. Never in a deployment: what it writes is plaintext, and a database written
+    # with it accepts plaintext (as if `legacy_plaintext`) from every process that has it set.
+    benchmark_unencrypted: bool = False
     # Port for the embedded redis-server that `tensorq up` starts when TENSORQ_REDIS_URL is not set.
     embedded_redis_port: int = 6390
 

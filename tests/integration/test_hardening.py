@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from tests.helpers import (
     create_database,
     drop_database,
     free_port,
+    sealed_column,
     service_env,
     wait_job,
     wait_until,
@@ -91,19 +93,25 @@ def rss_kb(pid: int) -> int:
 
 
 def insert_finished_embed_jobs(db_url: str, tenant: str, n: int, texts: int) -> None:
-    """Succeeded embed jobs with results of the real size (384 floats a text), as a worker leaves them."""
-    result = json.dumps(
-        {"model": "all-MiniLM-L6-v2", "dim": 384, "embeddings": [[0.0123456789] * 384] * texts}
-    )
-    params = json.dumps({"texts": [f"a text of some length, number {i}" for i in range(texts)]})
+    """Succeeded embed jobs with results of the real size (384 floats a text), as a worker leaves
+    them: sealed with the tenant's data key."""
+    result = {"model": "all-MiniLM-L6-v2", "dim": 384, "embeddings": [[0.0123456789] * 384] * texts}
+    params = {"texts": [f"a text of some length, number {i}" for i in range(texts)]}
     with psycopg.connect(db_url) as conn:
         for _ in range(n):
+            job_id = uuid.uuid4()
             conn.execute(
                 "INSERT INTO jobs (id, tenant, kind, model, queue, status, params, result, attempts,"
                 " max_attempts, cancel_requested, created_at, updated_at, finished_at, webhook_attempts,"
-                " batch_cost) VALUES (gen_random_uuid(), %s, 'embed', 'all-MiniLM-L6-v2', 'inference',"
+                " batch_cost) VALUES (%s, %s, 'embed', 'all-MiniLM-L6-v2', 'inference',"
                 " 'succeeded', %s, %s, 1, 3, false, clock_timestamp(), now(), now(), 0, %s)",
-                (tenant, params, result, texts),
+                (
+                    job_id,
+                    tenant,
+                    json.dumps(sealed_column(db_url, tenant, job_id, "params", params)),
+                    json.dumps(sealed_column(db_url, tenant, job_id, "result", result)),
+                    texts,
+                ),
             )
 
 

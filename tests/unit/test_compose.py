@@ -65,6 +65,9 @@ def test_gpu_reservation_healthchecks_volumes_and_protected_flower() -> None:
     assert services["flower"]["environment"]["TENSORQ_FLOWER_BASIC_AUTH"].startswith(
         "${TENSORQ_FLOWER_BASIC_AUTH:?"
     )
+    # Encryption at rest: every tensorq container gets the master key, which has no default.
+    for name in ("migrate", "api", "worker", "worker-cpu", "flower"):
+        assert services[name]["environment"]["TENSORQ_MASTER_KEY"].startswith("${TENSORQ_MASTER_KEY:?"), name
     assert services["migrate"]["command"] == ["tensorq", "db", "upgrade"]
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
