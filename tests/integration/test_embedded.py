@@ -68,6 +68,12 @@ def test_tensorq_up_runs_a_job_on_sqlite_and_embedded_redis(tmp_path: Path) -> N
         assert job["status"] == "succeeded", job
         assert len(job["result"]["embeddings"][0]) == 384  # type: ignore[index]
         assert (tmp_path / "var" / "tensorq.db").exists()
+        # Encryption at rest: a first start made the master key, readable by its owner only, and
+        # the job's input is sealed in the database.
+        master = tmp_path / "var" / "master.key"
+        assert oct(master.stat().st_mode & 0o777) == "0o600" and "created the master key" in output()
+        for db_file in (tmp_path / "var").glob("tensorq.db*"):  # the WAL too
+            assert b"hello world" not in db_file.read_bytes(), db_file
 
         # Flower shows the worker and the finished task under its readable name and the job id.
         workers = httpx.get(
