@@ -73,6 +73,15 @@ class Keyring:
                 conn.execute(insert(KeyCheck).values(id=1, master_fingerprint=mine, legacy_plaintext=False))
                 legacy = False
             elif row.master_fingerprint is None:
+                # Data keys made before the first start recorded the key (by an operator
+                # command) must open with this one, or it is the wrong key.
+                for tenant, version, wrapped in conn.execute(
+                    select(TenantKey.tenant, TenantKey.version, TenantKey.wrapped)
+                ):
+                    try:
+                        unwrap_data_key(self.master, tenant, version, wrapped)
+                    except MasterKeyError:
+                        raise MasterKeyError(WRONG_KEY) from None
                 conn.execute(update(KeyCheck).values(master_fingerprint=mine, updated_at=utcnow()))
                 legacy = row.legacy_plaintext
             elif not hmac.compare_digest(row.master_fingerprint, mine):

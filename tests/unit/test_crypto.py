@@ -218,3 +218,17 @@ def test_delete_tenant_destroys_its_keys_then_its_rows_and_files(
     with session_scope(url) as s:
         other = s.get(Job, kept)
         assert other is not None and other.params == {"texts": ["hi"]}
+
+
+def test_a_first_start_with_another_key_than_the_data_keys_were_made_with_is_refused(sqlite_url: str) -> None:
+    """An operator command may make data keys before any service start recorded the master key."""
+    engine = get_engine(sqlite_url)
+    first = Keyring(generate_key(), engine)
+    first.verify(record=False)  # a lazy first use: records nothing
+    with engine.begin() as conn:
+        first.active("acme", conn)
+    assert raw(sqlite_url, "SELECT master_fingerprint FROM key_check") == [(None,)]
+    with pytest.raises(MasterKeyError):
+        Keyring(generate_key(), engine).verify()
+    first.verify()
+    assert raw(sqlite_url, "SELECT master_fingerprint IS NOT NULL FROM key_check") == [(1,)]
