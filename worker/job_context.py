@@ -1,5 +1,6 @@
 """The job context kinds see in a worker: device, model cache, the tenant's datasets and models,
-progress reports and cancellation, all backed by the database and the artifact store."""
+progress reports and cancellation, all backed by the database and the artifact store. The
+tenant's files (datasets, model directories, checkpoints) are sealed with its data key."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from db import registry
 from db.jobs import update_progress
+from db.keys import tenant_cipher
 from db.models import Job
 from db.queries import is_cancel_requested
 from db.registry import get_dataset
@@ -20,6 +22,7 @@ from tasks.context import JobContext, JobError, ResolvedModel
 from tasks.datasets import DatasetError, parse_jsonl
 from tensorq.core.artifacts import ArtifactStore, UnsafePath
 from tensorq.core.events import EventPublisher
+from tensorq.core.sealed_files import SealedFiles
 from tensorq.core.settings import Settings
 from worker.leases import LeaseKeeper
 from worker.model_cache import ModelCache
@@ -115,7 +118,12 @@ class JobContexts:
             models=self.models,
             load_dataset=functools.partial(self.load_dataset, tenant),
             resolve_model=functools.partial(self.resolve_model, tenant, pins=pins or {}),
+            files=self.files(tenant),
         )
+
+    def files(self, tenant: str) -> SealedFiles:
+        """The tenant's files in the artifact store, sealed with its data key (looked up when used)."""
+        return SealedFiles(self.store, tenant_cipher(self.database_url, tenant))
 
     def for_job(self, job: Job) -> tuple[JobContext, ProgressWriter]:
         """One job's context, with its progress writer (flushed by the caller when the run ends)."""
@@ -161,7 +169,8 @@ class JobContexts:
         if ds is None:
             raise JobError("DatasetNotFound", f"no dataset {dataset_id!r}")
         try:
-            data = self.store.path(ds.path).read_bytes()
+            # A sealed file that does not open raises DataIntegrityError, never DatasetUnreadable.
+            data = self.files(tenant).read(self.store.path(ds.path))
             return list(parse_jsonl(data, max_rows=self.settings.dataset_max_rows).rows)
         except (OSError, UnsafePath, DatasetError) as exc:
             raise JobError("DatasetUnreadable", f"dataset {dataset_id}: {exc}") from None
