@@ -16,6 +16,7 @@ from db.jobs import Outcome
 from db.models import Job, JobStatus
 from tasks.context import JobCancelled, JobContext, JobError, JobTimeout
 from tasks.registry import JobKind
+from tensorq.core.crypto import DataIntegrityError
 from tensorq.core.settings import Settings
 from worker import metrics
 from worker.job_context import JobContexts, pins_of
@@ -103,6 +104,11 @@ def outcome_of_error(job: Job, exc: Exception) -> Outcome:
         return failed(job, exc.error_type, exc.message)
     if isinstance(exc, ValidationError):
         return failed(job, "InvalidParams", str(exc))
+    if isinstance(exc, DataIntegrityError):
+        # A sealed file or value of the tenant's that did not open (tampered with, moved, or its
+        # data key destroyed): permanent, typed, and one log line naming the object.
+        log.error("job %s: %s", job.id, exc, extra={"job_id": str(job.id)})
+        return failed(job, DataIntegrityError.error_type, str(exc))
     log.error("job %s: unexpected error", job.id, exc_info=exc, extra={"job_id": str(job.id)})
     return failed(job, type(exc).__name__, str(exc) or repr(exc))
 
