@@ -3,6 +3,7 @@ PostgreSQL database of its own, and `tensorq api` / `tensorq worker` subprocesse
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import socket
@@ -19,6 +20,9 @@ import psycopg
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
+# The master key services started here seal tenants' data with: TENSORQ_MASTER_KEY if this
+# process has one, else one made up for this process.
+MASTER_KEY = os.environ.get("TENSORQ_MASTER_KEY") or base64.b64encode(os.urandom(32)).decode()
 
 
 def free_port() -> int:
@@ -110,6 +114,7 @@ def service_env(database_url: str, redis_url: str, tmp: Path, **extra: str) -> d
         TENSORQ_SWEEP_INTERVAL_SECONDS="1",
         TENSORQ_WORKER_METRICS_PORT=str(free_port()),
         TENSORQ_LOG_LEVEL="INFO",
+        TENSORQ_MASTER_KEY=MASTER_KEY,
         HF_HUB_OFFLINE="1",
     )
     env.update(extra)

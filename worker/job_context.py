@@ -13,14 +13,15 @@ from typing import Any
 
 from db import registry
 from db.jobs import update_progress
-from db.keys import tenant_cipher
+from db.keys import keyring_for
 from db.models import Job
 from db.queries import is_cancel_requested
 from db.registry import get_dataset
-from db.session import session_scope
+from db.session import get_engine, session_scope
 from tasks.context import JobContext, JobError, ResolvedModel
 from tasks.datasets import DatasetError, parse_jsonl
 from tensorq.core.artifacts import ArtifactStore, UnsafePath
+from tensorq.core.crypto import TenantCipher
 from tensorq.core.events import EventPublisher
 from tensorq.core.sealed_files import SealedFiles
 from tensorq.core.settings import Settings
@@ -122,8 +123,17 @@ class JobContexts:
         )
 
     def files(self, tenant: str) -> SealedFiles:
-        """The tenant's files in the artifact store, sealed with its data key (looked up when used)."""
-        return SealedFiles(self.store, tenant_cipher(self.database_url, tenant))
+        """The tenant's files in the artifact store, sealed with its data key. The keyring is
+        found when a file is first read or written, inside the job's run (so an error there, a
+        missing master key or the database down, is the job's outcome, not the worker's)."""
+
+        def keyring() -> Any:
+            return keyring_for(get_engine(self.database_url))
+
+        return SealedFiles(
+            self.store,
+            TenantCipher(tenant, lambda: keyring().active(tenant), lambda v: keyring().key(tenant, v)),
+        )
 
     def for_job(self, job: Job) -> tuple[JobContext, ProgressWriter]:
         """One job's context, with its progress writer (flushed by the caller when the run ends)."""
