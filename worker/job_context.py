@@ -13,7 +13,7 @@ from typing import Any
 
 from db import registry
 from db.jobs import update_progress
-from db.keys import keyring_for
+from db.keys import Keyring, keyring_for
 from db.models import Job
 from db.queries import is_cancel_requested
 from db.registry import get_dataset
@@ -127,7 +127,7 @@ class JobContexts:
         found when a file is first read or written, inside the job's run (so an error there, a
         missing master key or the database down, is the job's outcome, not the worker's)."""
 
-        def keyring() -> Any:
+        def keyring() -> Keyring:
             return keyring_for(get_engine(self.database_url))
 
         return SealedFiles(
