@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.schemas import KIND_TAGS
 from tasks.texts import SURROGATE
+from tensorq.core.crypto import DataIntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,16 @@ async def validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     error_id = uuid.uuid4().hex[:12]
-    log.error(
-        "unhandled error %s on %s %s",
-        error_id,
-        request.method,
-        request.url.path,
-        exc_info=(type(exc), exc, exc.__traceback__),
-    )
+    if isinstance(exc, DataIntegrityError):  # a sealed file or value that did not open: one line
+        log.error("unhandled error %s on %s %s: %s", error_id, request.method, request.url.path, exc)
+    else:
+        log.error(
+            "unhandled error %s on %s %s",
+            error_id,
+            request.method,
+            request.url.path,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
     return JSONResponse(
         status_code=500, content={"detail": f"internal error (id {error_id}); see the API log"}
     )

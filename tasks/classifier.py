@@ -5,14 +5,16 @@ Saved as a directory that needs nothing but itself to load again:
     classifier.json     what this is: labels, max_seq_length, base model, format version
     config.json         the encoder's transformers config (architecture only; never remote code)
     model.safetensors   every weight, encoder.* and head.*
-    tokenizer files     whatever the tokenizer's save_pretrained writes
+
+The tokenizer is the shipped model's (`minilm.base_tokenizer`): no tokenizer files are written
+(directories saved before encryption at rest hold some; they are not read). Files are written and
+read through a `Files` (tensorq.core.sealed_files): sealed with the tenant's key in a worker, so
+every file is built in memory and weights are loaded from bytes.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks import minilm
-from tensorq.core.files import replace_dir
+from tensorq.core.sealed_files import PLAIN, Files
 
 if TYPE_CHECKING:
     import torch
@@ -139,36 +141,37 @@ def build_classifier(labels: Sequence[str], max_seq_length: int, device: str = "
     )
 
 
-def save_classifier(classifier: TextClassifier, path: Path) -> Path:
-    """Write the classifier to directory `path`, replacing whatever was there as one rename."""
-    from safetensors.torch import save_file
+def classifier_files(classifier: TextClassifier) -> dict[str, bytes]:
+    """The files of a saved classifier, name -> bytes, built in memory."""
+    from safetensors.torch import save
 
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in classifier.state_dict().items()}
+    config = ClassifierConfig(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        base_model=classifier.base_model,
+        labels=classifier.labels,
+        max_seq_length=classifier.max_seq_length,
+    )
+    return {
+        WEIGHTS_FILE: save(weights, metadata={"format": FORMAT}),
+        CONFIG_FILE: (config.model_dump_json(indent=2) + "\n").encode(),
+        # What config.to_json_file writes.
+        "config.json": classifier.encoder.config.to_json_string().encode(),
+    }
+
+
+def save_classifier(
+    classifier: TextClassifier, path: Path | str, files: Files = PLAIN, extra: dict[str, bytes] | None = None
+) -> Path:
+    """Write the classifier (and `extra` files, name -> bytes) to directory `path`, replacing
+    whatever was there as one rename."""
+    return files.write_dir(Path(path).absolute(), {**classifier_files(classifier), **(extra or {})})
+
+
+def read_config(path: Path, files: Files = PLAIN) -> ClassifierConfig:
     try:
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in classifier.state_dict().items()}
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        config = ClassifierConfig(
-            format=FORMAT,
-            format_version=FORMAT_VERSION,
-            base_model=classifier.base_model,
-            labels=classifier.labels,
-            max_seq_length=classifier.max_seq_length,
-        )
-        (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
-        classifier.encoder.config.to_json_file(str(tmp / "config.json"))
-        classifier.tokenizer.save_pretrained(str(tmp))
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def read_config(path: Path) -> ClassifierConfig:
-    try:
-        config = ClassifierConfig.model_validate(json.loads((Path(path) / CONFIG_FILE).read_text()))
+        config = ClassifierConfig.model_validate(json.loads(files.read(Path(path) / CONFIG_FILE)))
     except FileNotFoundError as exc:
         raise ClassifierFormatError(f"no {CONFIG_FILE} in {path}") from exc
     except (ValueError, ValidationError) as exc:
@@ -180,29 +183,33 @@ def read_config(path: Path) -> ClassifierConfig:
     return config
 
 
-def load_classifier(path: Path | str, device: str = "cpu") -> TextClassifier:
+def load_classifier(path: Path | str, device: str = "cpu", files: Files = PLAIN) -> TextClassifier:
     """Load a directory written by `save_classifier`, in eval mode, onto `device`."""
     import torch
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    from transformers import AutoModel
 
     _quiet_transformers()
     path = Path(path)
-    config = read_config(path)
+    config = read_config(path, files)
     try:
-        encoder_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except OSError as exc:
+        encoder_config = minilm.hf_config(files.read(path / "config.json"))
+    except (OSError, ValueError) as exc:
         raise ClassifierFormatError(f"no readable encoder config.json in {path}") from exc
     if encoder_config.model_type != "bert":  # what build_classifier makes; nothing else is built here
         raise ClassifierFormatError(f"{path} has a {encoder_config.model_type!r} encoder, not bert")
-    encoder = AutoModel.from_config(encoder_config, add_pooling_layer=False)
+    # Every weight is loaded next, strictly: no random init to pay for.
+    encoder = minilm.uninitialised(lambda: AutoModel.from_config(encoder_config, add_pooling_layer=False))
     head = torch.nn.Linear(encoder_config.hidden_size, len(config.labels))
     try:
-        weights = load_file(str(path / WEIGHTS_FILE), device="cpu")
+        weights = load(files.read(path / WEIGHTS_FILE))
     except FileNotFoundError as exc:
         raise ClassifierFormatError(f"no {WEIGHTS_FILE} in {path}") from exc
+    except SafetensorError as exc:
+        raise ClassifierFormatError(f"unreadable {WEIGHTS_FILE} in {path}: {exc}") from exc
     classifier = TextClassifier(
-        tokenizer=AutoTokenizer.from_pretrained(path, local_files_only=True),
+        tokenizer=minilm.base_tokenizer(),
         encoder=encoder,
         head=head,
         labels=config.labels,

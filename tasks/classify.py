@@ -39,10 +39,10 @@ class ClassifyResult(BaseModel):
 
 def classifier(ctx: JobContext, resolved: ResolvedModel) -> clf.TextClassifier:
     def load() -> clf.TextClassifier:
-        if (resolved.path / RECIPE_FILE).is_file():
+        if ctx.files.exists(resolved.path / RECIPE_FILE):
             return optimized(ctx, resolved)
         try:
-            return clf.load_classifier(resolved.path, ctx.device)
+            return clf.load_classifier(resolved.path, ctx.device, ctx.files)
         except clf.ClassifierFormatError as exc:
             raise JobError(
                 "InvalidModel", f"{resolved.name}:{resolved.version} is not a classifier: {exc}"
@@ -59,7 +59,7 @@ def optimized(ctx: JobContext, resolved: ResolvedModel) -> clf.TextClassifier:
     from tasks.optimizing import ModelFormatError, OptimizedClassifier, load_model
 
     try:
-        model = load_model(resolved.path, ctx.device)
+        model = load_model(resolved.path, ctx.device, files=ctx.files)
     except ModelFormatError as exc:
         raise JobError(
             "InvalidModel", f"{resolved.name}:{resolved.version} cannot be loaded: {exc}"

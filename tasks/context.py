@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from tensorq.core.sealed_files import Files, PlainFiles
+
 T = TypeVar("T")
 
 
@@ -74,6 +76,9 @@ class JobContext:
     cancel_requested: Callable[[], bool] = lambda: False
     load_dataset: Callable[[str], list[dict[str, Any]]] = _no_datasets
     resolve_model: Callable[[str], ResolvedModel] = _no_registry
+    # The tenant's files (model directories, checkpoints): sealed with its data key in a worker,
+    # plain outside one. Every file a kind reads or writes under the artifact store goes through it.
+    files: Files = field(default_factory=PlainFiles)
 
     def check_cancelled(self) -> None:
         if self.cancel_requested():

@@ -58,10 +58,10 @@ def encoder(ctx: JobContext) -> minilm.Encoder:
 
 def registered_encoder(ctx: JobContext, resolved: ResolvedModel) -> minilm.Encoder:
     def load() -> minilm.Encoder:
-        if (resolved.path / RECIPE_FILE).is_file():
+        if ctx.files.exists(resolved.path / RECIPE_FILE):
             return optimized(ctx, resolved)
         try:
-            return mlm_lib.load_encoder_from_dir(resolved.path, ctx.device)
+            return mlm_lib.load_encoder_from_dir(resolved.path, ctx.device, ctx.files)
         except mlm_lib.MaskedLMFormatError as exc:
             raise JobError(
                 "IncompatibleModel", f"{resolved.name}:{resolved.version} is not an encoder: {exc}"
@@ -78,7 +78,7 @@ def optimized(ctx: JobContext, resolved: ResolvedModel) -> minilm.Encoder:
     from tasks.optimizing import ModelFormatError, OptimizedEncoder, load_model
 
     try:
-        model = load_model(resolved.path, ctx.device)
+        model = load_model(resolved.path, ctx.device, files=ctx.files)
     except ModelFormatError as exc:
         raise JobError(
             "InvalidModel", f"{resolved.name}:{resolved.version} cannot be loaded: {exc}"

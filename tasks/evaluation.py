@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tasks import minilm
 from tasks.classifier import TextClassifier
 from tasks.recipes import model_nbytes, parameter_count
+from tensorq.core.sealed_files import PLAIN, Files
 
 if TYPE_CHECKING:
     import torch
@@ -60,14 +61,15 @@ class TrainingRecord(BaseModel):
     rows_sha256: str | None = None
 
 
-def read_training_records(path: Path | str) -> list[TrainingRecord]:
+def read_training_records(path: Path | str, files: Files = PLAIN) -> list[TrainingRecord]:
     """The datasets a version was trained on (its own and its ancestors'), from `training.json`:
-    one record object, or {"records": [...]}. Missing or unreadable: none (every dataset unseen)."""
+    one record object, or {"records": [...]}. Missing or unreadable: none (every dataset unseen);
+    sealed and tampered with: DataIntegrityError."""
     file = Path(path) / TRAINING_FILE
-    if not file.is_file():
+    if not files.exists(file):
         return []
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(files.read(file))
         items = data["records"] if isinstance(data, dict) and "records" in data else [data]
         return [TrainingRecord.model_validate(item) for item in items]
     except (ValueError, KeyError, TypeError, ValidationError):

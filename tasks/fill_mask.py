@@ -65,7 +65,7 @@ def masked_lm(ctx: JobContext, resolved: ResolvedModel) -> mlm_lib.MaskedLM:
     # The files decide (a classifier's directory is no masked-LM one), whatever the registry says.
     def load() -> mlm_lib.MaskedLM:
         try:
-            return mlm_lib.load_mlm(resolved.path, ctx.device)
+            return mlm_lib.load_mlm(resolved.path, ctx.device, ctx.files)
         except mlm_lib.MaskedLMFormatError as exc:
             raise JobError(
                 "IncompatibleModel", f"{resolved.name}:{resolved.version} has no masked-LM head: {exc}"

@@ -5,7 +5,9 @@ Saved as a directory that needs nothing but itself to load again:
     encoder.json        what this is: format, format_version, task "masked-lm", base model, max_length
     config.json         the transformers config (architecture only; never remote code)
     model.safetensors   every weight once: bert.* and cls.*, without the decoder's tied copies
-    tokenizer files     whatever the tokenizer's save_pretrained writes
+
+The tokenizer is the shipped model's (`minilm.base_tokenizer`; see tasks/classifier.py), and
+files go through a `Files` (sealed in a worker), built and loaded in memory.
 
 The head's decoder shares its weight with the word embeddings (and its bias with cls.predictions.bias).
 safetensors refuses tensors that share memory, and a second copy would untie them on load, so the
@@ -18,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks import classifier as clf
 from tasks import minilm
-from tensorq.core.files import replace_dir
+from tensorq.core.sealed_files import PLAIN, Files
 
 if TYPE_CHECKING:
     import torch
@@ -113,9 +113,9 @@ def build_mlm_from_minilm(device: str = "cpu") -> MaskedLM:
     return MaskedLM(model=model.to(device), tokenizer=tokenizer, device=device)
 
 
-def read_config(path: Path) -> MaskedLMConfig:
+def read_config(path: Path, files: Files = PLAIN) -> MaskedLMConfig:
     try:
-        config = MaskedLMConfig.model_validate(json.loads((Path(path) / CONFIG_FILE).read_text()))
+        config = MaskedLMConfig.model_validate(json.loads(files.read(Path(path) / CONFIG_FILE)))
     except FileNotFoundError as exc:
         raise MaskedLMFormatError(f"no {CONFIG_FILE} in {path}: not a masked-LM encoder") from exc
     except (ValueError, ValidationError) as exc:
@@ -125,79 +125,75 @@ def read_config(path: Path) -> MaskedLMConfig:
     return config
 
 
-def is_masked_lm_dir(path: Path | str) -> bool:
+def is_masked_lm_dir(path: Path | str, files: Files = PLAIN) -> bool:
     try:
-        read_config(Path(path))
+        read_config(Path(path), files)
     except MaskedLMFormatError:
         return False
     return True
 
 
-def save_mlm(mlm: MaskedLM, path: Path | str) -> Path:
-    """Write `mlm` to directory `path`, replacing whatever was there as one rename."""
-    from safetensors.torch import save_file
+def mlm_files(mlm: MaskedLM) -> dict[str, bytes]:
+    """The files of a saved masked-LM encoder, name -> bytes, built in memory."""
+    from safetensors.torch import save
 
     check_tied(mlm.model)
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        weights = {
-            k: v.detach().to("cpu").contiguous() for k, v in mlm.model.state_dict().items() if k not in TIED
-        }
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        config = MaskedLMConfig(
-            format=FORMAT,
-            format_version=FORMAT_VERSION,
-            task=TASK,
-            base_model=mlm.base_model,
-            max_length=mlm.max_length,
-        )
-        (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
-        hf_config = mlm.model.config.to_dict()
-        hf_config["architectures"] = ["BertForMaskedLM"]
-        hf_config["tie_word_embeddings"] = True
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        mlm.tokenizer.save_pretrained(str(tmp))
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    weights = {
+        k: v.detach().to("cpu").contiguous() for k, v in mlm.model.state_dict().items() if k not in TIED
+    }
+    config = MaskedLMConfig(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        task=TASK,
+        base_model=mlm.base_model,
+        max_length=mlm.max_length,
+    )
+    hf_config = mlm.model.config.to_dict()
+    hf_config["architectures"] = ["BertForMaskedLM"]
+    hf_config["tie_word_embeddings"] = True
+    return {
+        WEIGHTS_FILE: save(weights, metadata={"format": FORMAT}),
+        CONFIG_FILE: (config.model_dump_json(indent=2) + "\n").encode(),
+        "config.json": (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode(),
+    }
 
 
-def _read_parts(path: Path) -> tuple[MaskedLMConfig, Any, dict[str, torch.Tensor], Any]:
-    """encoder.json, the bert config, the weights and the tokenizer of a saved directory."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
+def save_mlm(mlm: MaskedLM, path: Path | str, files: Files = PLAIN) -> Path:
+    """Write `mlm` to directory `path`, replacing whatever was there as one rename."""
+    return files.write_dir(Path(path).absolute(), mlm_files(mlm))
+
+
+def _read_parts(path: Path, files: Files) -> tuple[MaskedLMConfig, Any, dict[str, torch.Tensor], Any]:
+    """encoder.json, the bert config, the weights of a saved directory, and the tokenizer."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     _quiet_transformers()
-    config = read_config(path)
+    config = read_config(path, files)
     try:
-        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        hf_config = minilm.hf_config(files.read(path / "config.json"))
     except (OSError, ValueError) as exc:
         raise MaskedLMFormatError(f"no readable config.json in {path}") from exc
     if hf_config.model_type != "bert":  # what build_mlm_from_minilm makes; nothing else is built here
         raise MaskedLMFormatError(f"{path} has a {hf_config.model_type!r} encoder, not bert")
     try:
-        weights = load_file(str(path / WEIGHTS_FILE), device="cpu")
+        weights = load(files.read(path / WEIGHTS_FILE))
     except FileNotFoundError as exc:
         raise MaskedLMFormatError(f"no {WEIGHTS_FILE} in {path}") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise MaskedLMFormatError(f"no readable tokenizer in {path}") from exc
-    return config, hf_config, weights, tokenizer
+    except SafetensorError as exc:
+        raise MaskedLMFormatError(f"unreadable {WEIGHTS_FILE} in {path}: {exc}") from exc
+    return config, hf_config, weights, minilm.base_tokenizer()
 
 
-def load_mlm(path: Path | str, device: str = "cpu") -> MaskedLM:
+def load_mlm(path: Path | str, device: str = "cpu", files: Files = PLAIN) -> MaskedLM:
     """Load a directory written by `save_mlm`, tied and in eval mode, onto `device`."""
     from transformers import BertForMaskedLM
 
     path = Path(path)
-    config, hf_config, weights, tokenizer = _read_parts(path)
+    config, hf_config, weights, tokenizer = _read_parts(path, files)
     hf_config.tie_word_embeddings = True
-    model: Any = BertForMaskedLM(hf_config)
+    model: Any = minilm.uninitialised(lambda: BertForMaskedLM(hf_config))  # every weight is loaded next
+    model.tie_weights()  # which the skipped init would have done
     expected = set(model.state_dict()) - set(TIED)
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
@@ -219,14 +215,14 @@ def load_mlm(path: Path | str, device: str = "cpu") -> MaskedLM:
     )
 
 
-def load_encoder_from_dir(path: Path | str, device: str = "cpu") -> minilm.Encoder:
+def load_encoder_from_dir(path: Path | str, device: str = "cpu", files: Files = PLAIN) -> minilm.Encoder:
     """The bare encoder (a BertModel, no pooler, no head) of a saved masked-LM directory, in eval mode:
     what embedding (minilm.embed_texts) and classifier fine-tuning start from."""
     from transformers import BertModel
 
     path = Path(path)
-    _, hf_config, weights, tokenizer = _read_parts(path)
-    model: Any = BertModel(hf_config, add_pooling_layer=False)
+    _, hf_config, weights, tokenizer = _read_parts(path, files)
+    model: Any = minilm.uninitialised(lambda: BertModel(hf_config, add_pooling_layer=False))
     encoder_weights = {k.removeprefix("bert."): v for k, v in weights.items() if k.startswith("bert.")}
     try:
         model.load_state_dict(encoder_weights, strict=True)
@@ -236,7 +232,12 @@ def load_encoder_from_dir(path: Path | str, device: str = "cpu") -> minilm.Encod
 
 
 def build_classifier_from_dir(
-    path: Path | str, labels: Sequence[str], max_seq_length: int, base_model: str, device: str = "cpu"
+    path: Path | str,
+    labels: Sequence[str],
+    max_seq_length: int,
+    base_model: str,
+    device: str = "cpu",
+    files: Files = PLAIN,
 ) -> clf.TextClassifier:
     """A fresh text classifier (tasks.classifier's mean pooling + linear head) on the encoder of a
     saved masked-LM directory, for train-text-classifier's `base_model`. The head's init is the one
@@ -245,7 +246,7 @@ def build_classifier_from_dir(
 
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise ValueError("a classifier needs at least two distinct labels")
-    encoder = load_encoder_from_dir(path, device)
+    encoder = load_encoder_from_dir(path, device, files)
     head = torch.nn.Linear(encoder.model.config.hidden_size, len(labels))
     torch.nn.init.normal_(head.weight, std=encoder.model.config.initializer_range)
     torch.nn.init.zeros_(head.bias)

@@ -51,6 +51,7 @@ from tasks.evaluation import (
 )
 from tasks.recipes import LineageEntry, ParentRef, Recipe, Step, UnsupportedRecipe
 from tasks.train_text_classifier import DatasetId, ModelName
+from tensorq.core.sealed_files import PLAIN, Files
 
 SHIPPED = minilm.MODEL_NAME
 ModelRef = TenantModelRef | Literal["all-MiniLM-L6-v2"]
@@ -104,6 +105,12 @@ def resolve(ctx: JobContext, ref: str) -> ResolvedModel:
     return ctx.resolve_model(ref)
 
 
+def files_of(ctx: JobContext, resolved: ResolvedModel) -> Files:
+    """Where a version's files are read through: the tenant's (sealed) files, or plain ones for
+    the shipped base, a public package outside the artifact store."""
+    return PLAIN if resolved.path == minilm.model_dir() else ctx.files
+
+
 # The registry tasks both kinds take (db.models.ModelVersion.task): not a masked-LM encoder.
 MODEL_TASKS = ("text-classifier", "embedder")
 
@@ -125,7 +132,7 @@ def load_served(ctx: JobContext, resolved: ResolvedModel, *, fp32: bool = False)
 
     def load() -> Any:
         try:
-            return load_model(resolved.path, ctx.device, fp32=fp32)
+            return load_model(resolved.path, ctx.device, fp32=fp32, files=files_of(ctx, resolved))
         except (ModelFormatError, OSError) as exc:
             raise JobError(
                 "InvalidModel", f"{resolved.name}:{resolved.version} cannot be loaded: {exc}"
@@ -214,7 +221,7 @@ def run_evaluate(params: EvaluateParams, ctx: JobContext) -> EvaluateResult:
     model = load_served(ctx, resolved)
     rows = dataset_rows(ctx, params.dataset_id, need_labels=is_classifier(model))
     chosen, info, _ = evaluation_rows(
-        rows, params.split, params.dataset_id, read_training_records(resolved.path)
+        rows, params.split, params.dataset_id, read_training_records(resolved.path, files_of(ctx, resolved))
     )
     recipe: Recipe | None = getattr(model, "recipe", None)
     parent = recipe.parent if recipe is not None else None
@@ -430,7 +437,8 @@ def run_optimize(params: OptimizeParams, ctx: JobContext) -> OptimizeResult:
         )
     opt.require_device(method, ctx.device)
     rows = dataset_rows(ctx, params.dataset_id, need_labels=classifier)
-    records = read_training_records(resolved.path)
+    files = files_of(ctx, resolved)
+    records = read_training_records(resolved.path, files)
     chosen, info, split = evaluation_rows(rows, "validation", params.dataset_id, records)
     train_rows = [rows[i] for i in split.train_idx]
     train_texts = [r["text"] for r in train_rows]
@@ -438,10 +446,10 @@ def run_optimize(params: OptimizeParams, ctx: JobContext) -> OptimizeResult:
 
     step = Step(method=method, options=params.option_values())
     outcome: opt.DistillOutcome | None = None
-    identity = f"{method}:{opt.weights_digest(resolved.path)}"
+    identity = f"{method}:{opt.weights_digest(resolved.path, files)}"
     if method == "quantize-int8":
         assert isinstance(options, Int8Options)
-        base = opt.load_model(resolved.path, "cpu", fp32=True)
+        base = opt.load_model(resolved.path, "cpu", fp32=True, files=files)
         names = {n for n, m in opt.bert(base).named_modules() if isinstance(m, torch.nn.Linear)}
         if options.fp32_layers is not None:
             unknown = sorted(set(options.fp32_layers) - names)
@@ -476,10 +484,12 @@ def run_optimize(params: OptimizeParams, ctx: JobContext) -> OptimizeResult:
         to_save = base
     elif method in ("quantize-fp16", "quantize-bf16"):
         step.at_load = True
-        to_save = opt.half_precision_weights(opt.load_model(resolved.path, ctx.device, fp32=True), method)
+        to_save = opt.half_precision_weights(
+            opt.load_model(resolved.path, ctx.device, fp32=True, files=files), method
+        )
     elif method == "distill":
         assert isinstance(options, DistillOptions)
-        base = opt.load_model(resolved.path, ctx.device, fp32=True)
+        base = opt.load_model(resolved.path, ctx.device, fp32=True, files=files)
         n_teacher = len(opt.bert(base).encoder.layer)
         if options.student_layers >= n_teacher:
             raise JobError(
@@ -495,7 +505,7 @@ def run_optimize(params: OptimizeParams, ctx: JobContext) -> OptimizeResult:
         to_save = student
     else:
         assert isinstance(options, PruneOptions)
-        base = opt.load_model(resolved.path, ctx.device, fp32=True)
+        base = opt.load_model(resolved.path, ctx.device, fp32=True, files=files)
         taylor = options.importance == "taylor" or (options.importance == "auto" and classifier)
         if options.importance == "taylor" and not classifier:
             raise JobError(
@@ -537,10 +547,10 @@ def run_optimize(params: OptimizeParams, ctx: JobContext) -> OptimizeResult:
     if not any(r.dataset_id == params.dataset_id for r in records):
         child_records.append(split.record)
     out = opt.save_model(
-        to_save, output_dir(ctx), recipe, {"training.json": training_file_text(child_records)}
+        to_save, output_dir(ctx), recipe, {"training.json": training_file_text(child_records)}, ctx.files
     )
 
-    child = opt.load_model(out, ctx.device)
+    child = opt.load_model(out, ctx.device, files=ctx.files)
     child_resolved = ResolvedModel(name=name, version=0, path=out)  # version: set when registered
     parent_eval = measure(parent, resolved, chosen, ctx)
     child_eval = measure(child, child_resolved, chosen, ctx, reference=parent)

@@ -25,8 +25,6 @@ import copy
 import hashlib
 import json
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,16 +38,17 @@ from tasks import minilm
 from tasks.context import JobContext, JobError
 from tasks.evaluation import embeddings, predict_ids
 from tasks.recipes import (
+    RECIPE_FILE,
     Recipe,
     UnsupportedRecipe,
     apply_recipe,
     model_nbytes,
     quantize_int8_module,
     read_recipe,
+    recipe_bytes,
     serving_device,
-    write_recipe,
 )
-from tensorq.core.files import replace_dir
+from tensorq.core.sealed_files import PLAIN, Files
 
 if TYPE_CHECKING:
     import torch
@@ -104,63 +103,70 @@ class EmbedderConfig(BaseModel):
     normalize: bool = True
 
 
-def model_kind(path: Path | str) -> ModelKind:
+def model_kind(path: Path | str, files: Files = PLAIN) -> ModelKind:
     path = Path(path)
-    if (path / clf.CONFIG_FILE).is_file():
+    if files.exists(path / clf.CONFIG_FILE):
         return "classifier"
-    if (path / EMBEDDER_FILE).is_file() or (path / "config.json").is_file():
+    if files.exists(path / EMBEDDER_FILE) or files.exists(path / "config.json"):
         return "embedder"
     raise ModelFormatError(f"{path} holds neither {clf.CONFIG_FILE} nor a BERT config.json")
 
 
-def load_model(path: Path | str, device: str = "cpu", *, fp32: bool = False) -> AnyModel:
+def load_model(
+    path: Path | str, device: str = "cpu", *, fp32: bool = False, files: Files = PLAIN
+) -> AnyModel:
     """Load a classifier or embedder directory and apply its recipe (unless `fp32`: the stored
-    weights as they are, which is what further optimisation starts from).
+    weights as they are, which is what further optimisation starts from). `files`: the tenant's
+    (sealed) files; PLAIN for the shipped MiniLM's own directory.
 
     Fallbacks (see tasks.recipes): an int8 recipe loads on "cpu" whatever `device` says (the
     returned model's `.device` tells); fp16/bf16 on a CPU runs the half-precision weights in fp32."""
     path = Path(path)
     try:
-        recipe = read_recipe(path)
+        recipe = read_recipe(path, files)
     except ValueError as exc:
         raise ModelFormatError(str(exc)) from exc
     target, skip_half = (device, False) if fp32 else serving_device(recipe, device)
-    kind = model_kind(path)
+    kind = model_kind(path, files)
     model: AnyModel
     if kind == "classifier":
         try:
-            base = clf.load_classifier(path, target)
+            base = clf.load_classifier(path, target, files)
         except clf.ClassifierFormatError as exc:
             raise ModelFormatError(str(exc)) from exc
         model = OptimizedClassifier(**{f: getattr(base, f) for f in base.__dataclass_fields__}, recipe=recipe)
     else:
-        model = _load_embedder(path, target, recipe)
+        model = _load_embedder(path, target, recipe, files)
     if not fp32:
         apply_recipe(model, recipe, target, skip_half=skip_half)
     return model
 
 
-def _load_embedder(path: Path, device: str, recipe: Recipe | None) -> OptimizedEncoder:
+def _load_embedder(path: Path, device: str, recipe: Recipe | None, files: Files) -> OptimizedEncoder:
     import torch
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    from transformers import AutoModel
 
     clf._quiet_transformers()
     config_file = path / EMBEDDER_FILE
     config = (
-        EmbedderConfig.model_validate(json.loads(config_file.read_text()))
-        if config_file.is_file()
+        EmbedderConfig.model_validate(json.loads(files.read(config_file)))
+        if files.exists(config_file)
         else EmbedderConfig()  # the shipped MiniLM's own directory
     )
     try:
-        bert_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except OSError as exc:
+        bert_config = minilm.hf_config(files.read(path / "config.json"))
+    except (OSError, ValueError) as exc:
         raise ModelFormatError(f"no readable config.json in {path}") from exc
     if bert_config.model_type != "bert":
         raise ModelFormatError(f"{path} has a {bert_config.model_type!r} encoder, not bert")
-    weights = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    try:
+        weights = load(files.read(path / WEIGHTS_FILE))
+    except SafetensorError as exc:
+        raise ModelFormatError(f"unreadable {WEIGHTS_FILE} in {path}: {exc}") from exc
     pooler = any(k.startswith("pooler.") for k in weights)
-    encoder = AutoModel.from_config(bert_config, add_pooling_layer=pooler)
+    encoder = minilm.uninitialised(lambda: AutoModel.from_config(bert_config, add_pooling_layer=pooler))
     try:
         encoder.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=False)
     except RuntimeError as exc:
@@ -169,7 +175,7 @@ def _load_embedder(path: Path, device: str, recipe: Recipe | None) -> OptimizedE
     if missing:
         raise ModelFormatError(f"weights in {path} lack {sorted(missing)[:3]}")
     return OptimizedEncoder(
-        tokenizer=AutoTokenizer.from_pretrained(path, local_files_only=True),
+        tokenizer=minilm.base_tokenizer(),
         model=encoder.to(device).eval(),
         device=device,
         max_seq_length=config.max_seq_length,
@@ -178,34 +184,32 @@ def _load_embedder(path: Path, device: str, recipe: Recipe | None) -> OptimizedE
     )
 
 
-def save_model(model: AnyModel, path: Path | str, recipe: Recipe, extra_files: dict[str, str]) -> Path:
-    """Write fp32 (or, for fp16/bf16 recipes, half-precision) weights, configs, tokenizer, recipe and
-    `extra_files` (name -> text) to directory `path`, replacing whatever was there as one rename."""
-    from safetensors.torch import save_file
+def embedder_files(model: OptimizedEncoder | minilm.Encoder) -> dict[str, bytes]:
+    """The files of a saved embedder (weights as they are, configs), name -> bytes, in memory."""
+    from safetensors.torch import save
 
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.build.", dir=path.parent))
-    try:
-        if isinstance(model, clf.TextClassifier):
-            clf.save_classifier(model, tmp / "m")
-        else:
-            out = tmp / "m"
-            out.mkdir()
-            weights = {k: v.detach().to("cpu").contiguous() for k, v in model.model.state_dict().items()}
-            weights.pop("embeddings.position_ids", None)
-            save_file(weights, str(out / WEIGHTS_FILE), metadata={"format": EMBEDDER_FORMAT})
-            config = EmbedderConfig(base_model=model.base_model, max_seq_length=model.max_seq_length)
-            (out / EMBEDDER_FILE).write_text(config.model_dump_json(indent=2) + "\n")
-            model.model.config.to_json_file(str(out / "config.json"))
-            model.tokenizer.save_pretrained(str(out))
-        write_recipe(tmp / "m", recipe)
-        for name, text in extra_files.items():
-            (tmp / "m" / name).write_text(text)
-        replace_dir(tmp / "m", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.model.state_dict().items()}
+    weights.pop("embeddings.position_ids", None)
+    config = EmbedderConfig(
+        base_model=getattr(model, "base_model", minilm.MODEL_NAME),
+        max_seq_length=getattr(model, "max_seq_length", minilm.MAX_TOKENS),
+    )
+    return {
+        WEIGHTS_FILE: save(weights, metadata={"format": EMBEDDER_FORMAT}),
+        EMBEDDER_FILE: (config.model_dump_json(indent=2) + "\n").encode(),
+        "config.json": model.model.config.to_json_string().encode(),  # what to_json_file writes
+    }
+
+
+def save_model(
+    model: AnyModel, path: Path | str, recipe: Recipe, extra_files: dict[str, str], files: Files = PLAIN
+) -> Path:
+    """Write fp32 (or, for fp16/bf16 recipes, half-precision) weights, configs, recipe and
+    `extra_files` (name -> text) to directory `path`, replacing whatever was there as one rename."""
+    out = clf.classifier_files(model) if isinstance(model, clf.TextClassifier) else embedder_files(model)
+    out[RECIPE_FILE] = recipe_bytes(recipe)
+    out.update({name: text.encode() for name, text in extra_files.items()})
+    return files.write_dir(Path(path).absolute(), out)
 
 
 def bert(model: AnyModel) -> Any:
@@ -467,13 +471,10 @@ class DistillOutcome:
     examples: int
 
 
-def weights_digest(path: Path | str) -> str:
-    """sha256 of a version's weights file: a checkpoint is resumed only for the very same teacher."""
-    h = hashlib.sha256()
-    with (Path(path) / WEIGHTS_FILE).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def weights_digest(path: Path | str, files: Files = PLAIN) -> str:
+    """sha256 of a version's weights (opened: resealing them, with a new data key, changes
+    nothing): a checkpoint is resumed only for the very same teacher."""
+    return hashlib.sha256(files.read(Path(path) / WEIGHTS_FILE)).hexdigest()
 
 
 def _rng_state(device: str) -> dict[str, Any]:
@@ -631,7 +632,7 @@ class Distiller:
 
         if self.checkpoint_file is None:
             return
-        state = load_checkpoint(self.checkpoint_file, self.fingerprint)
+        state = load_checkpoint(self.checkpoint_file, self.fingerprint, self.ctx.files)
         if state is None or state.get("phase") != self.phase:
             return
         self.progress = DistillProgress(**state["progress"])
@@ -659,6 +660,7 @@ class Distiller:
                     "data_rng": self.data_gen.get_state(),
                     "rng": _rng_state(self.ctx.device),
                 },
+                self.ctx.files,
             )
         self.last_save = time.monotonic()
 

@@ -20,6 +20,7 @@ run would have.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import tempfile
@@ -37,6 +38,7 @@ from tasks.context import JobContext, JobError, ResolvedModel
 from tasks.registry import JobKind
 from tasks.texts import Text
 from tasks.train_text_classifier import DatasetId, ModelName, linear_schedule, save_checkpoint
+from tensorq.core.sealed_files import PLAIN, Files
 
 if TYPE_CHECKING:
     import torch
@@ -164,7 +166,7 @@ def load_base(params: PretrainParams, ctx: JobContext) -> Base:
     resolved: ResolvedModel = ctx.resolve_model(params.base_model)
     name = f"{resolved.name}:{resolved.version}"
     try:
-        base = mlm_lib.load_mlm(resolved.path, ctx.device)
+        base = mlm_lib.load_mlm(resolved.path, ctx.device, ctx.files)
     except mlm_lib.MaskedLMFormatError as exc:
         raise JobError("IncompatibleModel", f"{name} is not a masked-LM encoder: {exc}") from None
     return Base(base, name, f"{name}@{resolved.path}", (resolved.name, resolved.version))
@@ -193,15 +195,17 @@ def checkpoint_path(work_dir: Path) -> Path:
     return work_dir / "checkpoint" / "state.pt"
 
 
-def load_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at `path` if it is one of this very run, else None (start over)."""
+def load_checkpoint(path: Path, expected_fingerprint: str, files: Files = PLAIN) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it is one of this very run, else None (start over). A sealed
+    one that does not open raises DataIntegrityError: tampering is not started over."""
     import torch
 
-    if not path.is_file():
+    if not files.exists(path):
         return None
+    data = files.read(path)
     try:
         # weights_only: plain tensors and containers, never arbitrary pickled objects.
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:  # unreadable: the atomic rename makes this unlikely, and starting over is safe
         return None
     if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != expected_fingerprint:
@@ -280,7 +284,7 @@ class Pretrainer:
         """Pick up the checkpoint in work_dir, if there is one of this very run."""
         if self.checkpoint_file is None:
             return False
-        state = load_checkpoint(self.checkpoint_file, self.fingerprint)
+        state = load_checkpoint(self.checkpoint_file, self.fingerprint, self.ctx.files)
         if state is None:
             return False
         self.progress = Progress(**state["progress"])
@@ -310,7 +314,7 @@ class Pretrainer:
             "mask_rng": self.mask_gen.get_state(),
             "rng": _rng_state(self.ctx.device),
         }
-        save_checkpoint(self.checkpoint_file, state)
+        save_checkpoint(self.checkpoint_file, state, self.ctx.files)
         self.last_save = time.monotonic()
 
     def report(self, epoch: int, loss: float | None) -> None:
@@ -382,7 +386,7 @@ class Pretrainer:
             # Per attempt: a stale attempt saving late must not replace a registered version's files.
             out = work_dir / ("model" if self.ctx.attempt is None else f"model-{self.ctx.attempt}")
         self.mlm.base_model = self.base.name
-        artifact_dir = mlm_lib.save_mlm(self.mlm, out)
+        artifact_dir = mlm_lib.save_mlm(self.mlm, out, self.ctx.files)
         parent = self.base.parent
         return PretrainResult(
             model=self.params.model_name,

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.context import JobError
+from tensorq.core.sealed_files import PLAIN, Files
 
 if TYPE_CHECKING:
     import torch
@@ -101,13 +102,13 @@ class Recipe(BaseModel):
         return [s for s in self.steps if not s.at_load]
 
 
-def read_recipe(path: Path | str) -> Recipe | None:
+def read_recipe(path: Path | str, files: Files = PLAIN) -> Recipe | None:
     """The recipe in model directory `path`, or None when it has none (a plain fp32 version)."""
     file = Path(path) / RECIPE_FILE
-    if not file.is_file():
+    if not files.exists(file):
         return None
     try:
-        recipe = Recipe.model_validate(json.loads(file.read_text()))
+        recipe = Recipe.model_validate(json.loads(files.read(file)))
     except (ValueError, ValidationError) as exc:
         raise RecipeFormatError(f"bad {RECIPE_FILE} in {path}: {exc}") from exc
     if recipe.format_version != FORMAT_VERSION:
@@ -115,8 +116,9 @@ def read_recipe(path: Path | str) -> Recipe | None:
     return recipe
 
 
-def write_recipe(path: Path | str, recipe: Recipe) -> None:
-    (Path(path) / RECIPE_FILE).write_text(recipe.model_dump_json(indent=2) + "\n")
+def recipe_bytes(recipe: Recipe) -> bytes:
+    """The content of a model directory's RECIPE_FILE."""
+    return (recipe.model_dump_json(indent=2) + "\n").encode()
 
 
 # --- devices -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ continues where the last checkpoint left it and ends as an uninterrupted run wou
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import tempfile
@@ -31,7 +32,7 @@ from tasks.context import JobContext, JobError
 from tasks.datasets import label_problem
 from tasks.registry import JobKind
 from tasks.texts import Storable, Text
-from tensorq.core.files import atomic_write
+from tensorq.core.sealed_files import PLAIN, Files
 
 if TYPE_CHECKING:
     import torch
@@ -231,21 +232,26 @@ def checkpoint_path(work_dir: Path) -> Path:
     return work_dir / "checkpoint" / "state.pt"
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any], files: Files = PLAIN) -> None:
+    """Serialised in memory, then written (sealed, in a worker) atomically."""
     import torch
 
-    atomic_write(path, lambda f: torch.save(state, f))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    files.write(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at `path` if it is one of this very training run, else None (start over)."""
+def load_checkpoint(path: Path, expected_fingerprint: str, files: Files = PLAIN) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it is one of this very training run, else None (start over).
+    A sealed one that does not open raises DataIntegrityError: tampering is not started over."""
     import torch
 
-    if not path.is_file():
+    if not files.exists(path):
         return None
+    data = files.read(path)
     try:
         # weights_only: plain tensors and containers, never arbitrary pickled objects.
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:  # unreadable: the atomic rename makes this unlikely, and starting over is safe
         return None
     if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != expected_fingerprint:
@@ -271,7 +277,7 @@ def resolve_base(params: TrainParams, ctx: JobContext) -> BaseEncoder | None:
         return None
     resolved = ctx.resolve_model(params.base_model)
     name = f"{resolved.name}:{resolved.version}"
-    if not mlm_lib.is_masked_lm_dir(resolved.path):
+    if not mlm_lib.is_masked_lm_dir(resolved.path, ctx.files):
         raise JobError(
             "IncompatibleModel", f"{name} is a {resolved.task} model, not an encoder to fine-tune from"
         )
@@ -323,7 +329,7 @@ class Trainer:
         else:
             try:
                 self.model = mlm_lib.build_classifier_from_dir(
-                    base.path, labels, params.max_seq_length, base.name, ctx.device
+                    base.path, labels, params.max_seq_length, base.name, ctx.device, ctx.files
                 )
             except mlm_lib.MaskedLMFormatError as exc:
                 raise JobError("IncompatibleModel", f"{base.name}: {exc}") from None
@@ -346,7 +352,7 @@ class Trainer:
         """Pick up the checkpoint in work_dir, if there is one of this very run."""
         if self.checkpoint_file is None:
             return
-        state = load_checkpoint(self.checkpoint_file, self.fingerprint)
+        state = load_checkpoint(self.checkpoint_file, self.fingerprint, self.ctx.files)
         if state is None:
             return
         self.progress = Progress(**state["progress"])
@@ -372,7 +378,7 @@ class Trainer:
             "data_rng": self.data_gen.get_state(),
             "rng": _rng_state(self.ctx.device),
         }
-        save_checkpoint(self.checkpoint_file, state)
+        save_checkpoint(self.checkpoint_file, state, self.ctx.files)
         self.last_save = time.monotonic()
 
     def report(self, epoch: int, **extra: Any) -> None:
@@ -448,7 +454,7 @@ class Trainer:
         else:
             # Per attempt: a stale attempt saving late must not replace a registered version's files.
             out = work_dir / ("model" if self.ctx.attempt is None else f"model-{self.ctx.attempt}")
-        artifact_dir = clf.save_classifier(self.model, out)
+        extra: dict[str, bytes] = {}
         if self.params.dataset_id is not None:
             # What evaluate and optimize need to find this training's validation rows again.
             from tasks.evaluation import TRAINING_FILE, TrainingRecord, rows_sha256, training_file_text
@@ -462,7 +468,8 @@ class Trainer:
                 validation_split=self.params.validation_split,
                 rows_sha256=rows_sha256(rows),
             )
-            (Path(artifact_dir) / TRAINING_FILE).write_text(training_file_text([record]))
+            extra[TRAINING_FILE] = training_file_text([record]).encode()
+        artifact_dir = clf.save_classifier(self.model, out, self.ctx.files, extra)
         last = self.progress.last_epoch
         return TrainResult(
             model=self.params.model_name,

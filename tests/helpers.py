@@ -23,6 +23,8 @@ from bench.harness import (  # noqa: F401  # re-exported for the tests
     start_service,
     wait_until,
 )
+from tensorq.core.artifacts import ArtifactStore
+from tensorq.core.sealed_files import SealedFiles
 
 
 def responds(url: str) -> bool:
@@ -157,3 +159,21 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+def service_files(service: Service, tenant: str) -> SealedFiles:
+    """A tenant's files in a service's artifact store, sealed and opened with the service's master key."""
+    from db.keys import install_keyring
+    from db.session import get_engine
+    from tensorq.core.settings import Settings
+
+    settings = Settings(
+        database_url=service.env["TENSORQ_DATABASE_URL"], master_key=service.env["TENSORQ_MASTER_KEY"]
+    )
+    keyring = install_keyring(get_engine(settings.sqlalchemy_url), settings)
+    return SealedFiles(ArtifactStore(Path(service.env["TENSORQ_ARTIFACT_DIR"])), keyring.cipher(tenant))
+
+
+def copy_sealed_dir(files: SealedFiles, source: Path, target: Path) -> None:
+    """A sealed directory copied elsewhere in the store, each file sealed again for its new path."""
+    files.write_dir(target, {p.name: files.read(p) for p in source.iterdir() if p.is_file()})

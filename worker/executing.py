@@ -108,7 +108,8 @@ def outcome_of_error(job: Job, exc: Exception) -> Outcome:
     if isinstance(exc, ValidationError):
         return failed(job, "InvalidParams", str(exc))
     if isinstance(exc, DataIntegrityError):
-        # Tampered or misplaced data: never run on it. The message names the object, not its content.
+        # A sealed file or value of the tenant's that did not open (tampered with, moved, or its
+        # data key destroyed): permanent, typed, never run on, and one log line naming the object.
         log.error("job %s: %s", job.id, exc, extra={"job_id": str(job.id)})
         return failed(job, DataIntegrityError.error_type, str(exc))
     log.error("job %s: unexpected error", job.id, exc_info=exc, extra={"job_id": str(job.id)})

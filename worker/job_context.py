@@ -1,5 +1,6 @@
 """The job context kinds see in a worker: device, model cache, the tenant's datasets and models,
-progress reports and cancellation, all backed by the database and the artifact store."""
+progress reports and cancellation, all backed by the database and the artifact store. The
+tenant's files (datasets, model directories, checkpoints) are sealed with its data key."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from typing import Any
 
 from db import registry
 from db.jobs import update_progress
+from db.keys import Keyring, keyring_for
 from db.models import Job
 from db.queries import is_cancel_requested
 from db.registry import get_dataset
-from db.session import session_scope
+from db.session import get_engine, session_scope
 from tasks.context import JobContext, JobError, ResolvedModel
 from tasks.datasets import DatasetError, parse_jsonl
 from tensorq.core.artifacts import ArtifactStore, UnsafePath
+from tensorq.core.crypto import TenantCipher
 from tensorq.core.events import EventPublisher
+from tensorq.core.sealed_files import SealedFiles
 from tensorq.core.settings import Settings
 from worker.leases import LeaseKeeper
 from worker.model_cache import ModelCache
@@ -115,6 +119,20 @@ class JobContexts:
             models=self.models,
             load_dataset=functools.partial(self.load_dataset, tenant),
             resolve_model=functools.partial(self.resolve_model, tenant, pins=pins or {}),
+            files=self.files(tenant),
+        )
+
+    def files(self, tenant: str) -> SealedFiles:
+        """The tenant's files in the artifact store, sealed with its data key. The keyring is
+        found when a file is first read or written, inside the job's run (so an error there, a
+        missing master key or the database down, is the job's outcome, not the worker's)."""
+
+        def keyring() -> Keyring:
+            return keyring_for(get_engine(self.database_url))
+
+        return SealedFiles(
+            self.store,
+            TenantCipher(tenant, lambda: keyring().active(tenant), lambda v: keyring().key(tenant, v)),
         )
 
     def for_job(self, job: Job) -> tuple[JobContext, ProgressWriter]:
@@ -161,7 +179,8 @@ class JobContexts:
         if ds is None:
             raise JobError("DatasetNotFound", f"no dataset {dataset_id!r}")
         try:
-            data = self.store.path(ds.path).read_bytes()
+            # A sealed file that does not open raises DataIntegrityError, never DatasetUnreadable.
+            data = self.files(tenant).read(self.store.path(ds.path))
             return list(parse_jsonl(data, max_rows=self.settings.dataset_max_rows).rows)
         except (OSError, UnsafePath, DatasetError) as exc:
             raise JobError("DatasetUnreadable", f"dataset {dataset_id}: {exc}") from None

@@ -14,10 +14,15 @@ step is one transaction on the locked batch row, so a crash (of the API, a worke
 the batch where its last commit put it and the next step goes on from there; jobs are durable in
 SQL like any other. Lines become jobs through `store_job` and `publish_after_commit`, the path of
 POST /v1/jobs:batch.
+
+Files are sealed with the tenant's data key, whole (api/files.py): an output or error file is
+built in memory and sealed, and the input file is opened whole, kept open (in memory) from one
+step of its batch to the next, and read from `submitted_bytes` (a plaintext offset) on.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import uuid
@@ -30,6 +35,7 @@ import orjson
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
+from api.files import tenant_files
 from api.openai.embeddings import check_request, embeddings_body, parse_request, unix
 from api.openai.errors import OpenAIError
 from api.routes.jobs import publish_after_commit, store_job
@@ -48,7 +54,8 @@ from db.session import session_scope
 from db.tenants import Principal
 from tensorq.core.artifacts import ArtifactStore
 from tensorq.core.broker import Publisher
-from tensorq.core.files import atomic_write
+from tensorq.core.crypto import DataIntegrityError
+from tensorq.core.sealed_files import SealedFiles
 from tensorq.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -126,7 +133,7 @@ def file_relpath(file_id: str) -> str:
 
 def store_file(
     session: Session,
-    store: ArtifactStore,
+    files: SealedFiles,
     *,
     tenant: str,
     purpose: str,
@@ -137,7 +144,7 @@ def store_file(
 ) -> OpenAIFile:
     file_id = file_id or new_file_id()
     rel = file_relpath(file_id)
-    store.write_atomic(rel, data)
+    files.write(files.store.path(rel), data)
     row = OpenAIFile(
         id=file_id,
         tenant=tenant,
@@ -239,6 +246,17 @@ class BatchWork:
         self.publisher = publisher
         self.store = ArtifactStore(settings.artifact_dir)
         self.url = settings.sqlalchemy_url
+        # The input file last opened (file id, its plaintext), for the batch's next chunk.
+        self._input: tuple[str, bytes] | None = None
+
+    def _open_input(self, source: OpenAIFile) -> bytes:
+        """The opened content of a batch's input file (FileNotFoundError, DataIntegrityError)."""
+        if self._input is not None and self._input[0] == source.id:
+            return self._input[1]
+        self._input = None
+        data = tenant_files(self.settings, source.tenant).read(self.store.path(source.path))
+        self._input = (source.id, data)
+        return data
 
     def step(self, batch_id: str) -> bool:
         """Move the batch on by one step; whether anything changed (then step again soon)."""
@@ -300,11 +318,11 @@ class BatchWork:
         try:
             if source is None:
                 raise FileNotFoundError(batch.input_file_id)
-            with self.store.path(source.path).open("rb") as f:
-                f.seek(batch.submitted_bytes)
-                raw_lines = [f.readline() for _ in range(n)]
-                offset = f.tell()
-        except OSError as exc:
+            f = io.BytesIO(self._open_input(source))
+            f.seek(batch.submitted_bytes)
+            raw_lines = [f.readline() for _ in range(n)]
+            offset = f.tell()
+        except (OSError, DataIntegrityError) as exc:
             log.error("batch %s: input file unreadable: %s", batch.id, exc)
             self._fail(
                 batch, "input_file_unreadable", f"The input file {batch.input_file_id} could not be read."
@@ -348,7 +366,7 @@ class BatchWork:
             counts = {"out": 0, "err": 0}
 
             def lines(kind: str) -> Any:
-                def write(f: IO[bytes]) -> None:
+                def write(f: IO[bytes]) -> None:  # into memory: sealed before it is written
                     after = 0
                     while page := request_page(session, batch.id, after, PAGE):
                         for req, job in page:
@@ -365,10 +383,12 @@ class BatchWork:
                 return write
 
             sizes = {}
+            files = tenant_files(self.settings, batch.tenant)
             for kind, file_id in (("out", out_id), ("err", err_id)):
-                path = self.store.path(file_relpath(file_id))
-                atomic_write(path, lines(kind))
-                sizes[kind] = path.stat().st_size
+                buffer = io.BytesIO()
+                lines(kind)(buffer)
+                files.write(self.store.path(file_relpath(file_id)), buffer.getvalue())
+                sizes[kind] = len(buffer.getvalue())  # the content's size, as OpenAI reports it
             for kind, file_id in (("out", out_id), ("err", err_id)):
                 rel = file_relpath(file_id)
                 if counts[kind] == 0:
@@ -396,6 +416,8 @@ class BatchWork:
             else:
                 batch.status = BatchStatus.COMPLETED.value
                 set_timestamp(batch, "completed_at")
+        if self._input is not None and batch.input_file_id == self._input[0]:
+            self._input = None
         log.info("batch %s finalised: %d succeeded, %d failed", batch_id, counts["out"], counts["err"])
 
     @staticmethod
@@ -444,15 +466,15 @@ class BatchWork:
         hexid = batch.id.removeprefix("batch_")
         try:
             assert source is not None
-            with self.store.path(source.path).open("rb") as f:
-                f.seek(batch.submitted_bytes)
-                for number, raw in enumerate(f, start=batch.submitted_lines + 1):
-                    custom_id = json.loads(raw)["custom_id"]
-                    yield {
-                        "id": f"batch_req_{hexid}_{number}",
-                        "custom_id": custom_id,
-                        "response": None,
-                        "error": error,
-                    }
-        except (AssertionError, OSError) as exc:
+            f = io.BytesIO(self._open_input(source))
+            f.seek(batch.submitted_bytes)
+            for number, raw in enumerate(f, start=batch.submitted_lines + 1):
+                custom_id = json.loads(raw)["custom_id"]
+                yield {
+                    "id": f"batch_req_{hexid}_{number}",
+                    "custom_id": custom_id,
+                    "response": None,
+                    "error": error,
+                }
+        except (AssertionError, OSError, DataIntegrityError) as exc:
             log.error("batch %s: input file unreadable while finalising: %s", batch.id, exc)

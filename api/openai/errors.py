@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from api.errors import _encodable
+from tensorq.core.crypto import DataIntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,10 @@ def from_exception(request: Request, exc: Exception) -> OpenAIError:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return OpenAIError(exc.status_code, message, type=type_, code=code, headers=dict(exc.headers or {}))
     error_id = uuid.uuid4().hex[:12]
-    log.exception("unhandled error %s on %s %s", error_id, request.method, request.url.path)
+    if isinstance(exc, DataIntegrityError):  # a sealed file or value that did not open: one line
+        log.error("unhandled error %s on %s %s: %s", error_id, request.method, request.url.path, exc)
+    else:
+        log.exception("unhandled error %s on %s %s", error_id, request.method, request.url.path)
     return OpenAIError(500, f"internal error (id {error_id}); see the API log", type="server_error")
 
 

@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from api.auth import current_principal
 from api.deps import get_events, get_publisher, get_session, get_settings
+from api.files import Download, tenant_files
 from api.limits import check_limits
 from api.openai.batches import (
     COMPLETION_WINDOW,
@@ -54,7 +55,6 @@ from db.models import Job, JobStatus
 from db.openai_batches import get_batch, get_file, list_batches, new_batch_id
 from db.queries import fetch_job
 from db.tenants import Principal
-from tensorq.core.artifacts import ArtifactStore
 from tensorq.core.broker import Publisher
 from tensorq.core.events import EventListener
 from tensorq.core.settings import Settings
@@ -79,10 +79,6 @@ FILE_CONTENT: dict[int | str, dict[str, Any]] = {
     },
     **ERRORS,
 }
-
-
-class FileContent(FileResponse):
-    media_type = "application/octet-stream"
 
 
 def json_response(body: Any, status_code: int = 200) -> Response:
@@ -184,7 +180,7 @@ async def upload_file(
         lines = check_batch_file(data, settings)
         row = store_file(
             session,
-            ArtifactStore(settings.artifact_dir),
+            tenant_files(settings, principal.tenant),
             tenant=principal.tenant,
             purpose=purpose,
             filename=file.filename or "batch.jsonl",
@@ -222,10 +218,13 @@ def read_file_content(
     row = get_file(session, file_id, principal.tenant)
     if row is None:
         raise not_found("File", file_id)
-    path = ArtifactStore(settings.artifact_dir).path(row.path)
-    if not path.is_file():
-        raise OpenAIError(404, f"The content of file '{file_id}' is gone.", param="file_id")
-    return FileContent(path, filename=row.filename)
+    files = tenant_files(settings, principal.tenant)
+    path = files.store.path(row.path)
+    try:
+        data = files.read(path)  # sealed: opened whole, in memory (DataIntegrityError: a 500)
+    except FileNotFoundError:
+        raise OpenAIError(404, f"The content of file '{file_id}' is gone.", param="file_id") from None
+    return Download(data, filename=row.filename)
 
 
 Metadata = dict[

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from api.auth import UNAUTHORIZED, current_principal
 from api.deps import get_session, get_settings
+from api.files import tenant_files
 from api.schemas import DatasetList, DatasetOut, ErrorOut
 from db.models import Dataset
 from db.registry import NAME, create_dataset, dataset_usage, get_dataset, list_datasets
@@ -88,6 +89,8 @@ def store_upload(session: Session, settings: Settings, tenant: str, name: str | 
     dataset_id = uuid.uuid4()
     store = ArtifactStore(settings.artifact_dir)
     relpath = store.dataset_relpath(dataset_id)
+    # Sealed with the tenant's data key before its row is locked (finding the key may write one).
+    sealed = tenant_files(settings, tenant).seal_for(store.path(relpath), data)
     # Checked and inserted in one transaction holding the tenant's row: concurrent uploads of one
     # tenant take turns, so together they cannot pass the quota.
     lock_tenant(session, tenant)
@@ -95,7 +98,7 @@ def store_upload(session: Session, settings: Settings, tenant: str, name: str | 
     # File first, row second, so a committed dataset always has its file. Written after the
     # commit instead, a crash or full disk in between would leave a dataset whose file is missing;
     # this way the worst case is a stray file, which names nothing (as in db/retention.py).
-    store.write_atomic(relpath, data)
+    store.write_atomic(relpath, sealed)
     try:
         ds = create_dataset(
             session,

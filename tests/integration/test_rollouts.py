@@ -5,7 +5,6 @@ copies of its artifact directory registered straight into the registry (one made
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import uuid
 from collections import Counter
@@ -25,7 +24,15 @@ from tasks.classifier import WEIGHTS_FILE
 from tasks.data import sample_dataset_path
 from tensorq.cli.jobs import register
 from tensorq.core.settings import Settings, get_settings
-from tests.helpers import Service, tenant_of, training_job, wait_job, wait_until
+from tests.helpers import (
+    Service,
+    copy_sealed_dir,
+    service_files,
+    tenant_of,
+    training_job,
+    wait_job,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -53,12 +60,13 @@ def model(service: Service) -> Registered:
         artifact = client.get(f"/v1/models/{name}").json()["versions"][0]["artifact"]
     root = Path(service.env["TENSORQ_ARTIFACT_DIR"])
     url = Settings(database_url=service.env["TENSORQ_DATABASE_URL"]).sqlalchemy_url
+    files = service_files(service, tenant)  # files are sealed for their path: copies are resealed
     with session_scope(url) as session:
         for version in (COPY, SHADOW, BAD):
             copy = f"copies/{name}/v{version}"
-            shutil.copytree(root / artifact, root / copy)
+            copy_sealed_dir(files, root / artifact, root / copy)
             if version == BAD:
-                (root / copy / WEIGHTS_FILE).write_bytes(b"unreadable: not safetensors")
+                files.write(root / copy / WEIGHTS_FILE, b"unreadable: not safetensors")
             registered = register_version(
                 session,
                 tenant=tenant,

@@ -153,7 +153,7 @@ def test_a_stale_attempt_cannot_replace_the_files_of_a_registered_version(
     save = clf.save_classifier
     winner: list[Any] = []
 
-    def save_late(classifier: Any, path: Path) -> Path:
+    def save_late(classifier: Any, path: Path, *args: Any) -> Path:
         if not winner:  # the stale attempt, about to save: the job's next attempt runs first
             winner.append(None)
             lapse_lease(settings, job_id)
@@ -161,7 +161,7 @@ def test_a_stale_attempt_cannot_replace_the_files_of_a_registered_version(
             job = read_job(settings, job_id)
             files = settings.artifact_dir / job.result["artifact"]
             winner[0] = (job.result, {f.name: os.stat(f) for f in files.iterdir()})
-        return save(classifier, path)
+        return save(classifier, path, *args)
 
     monkeypatch.setattr(clf, "save_classifier", save_late)
     assert Runner(settings).run(TRAIN, str(job_id), worker_name="w@host") is None

@@ -15,10 +15,14 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from api.app import create_app
+from db.keys import tenant_cipher
 from db.models import Dataset, Job
 from db.registry import create_dataset
 from db.session import get_sessionmaker, session_scope
 from tasks.texts import MAX_TEXTS
+from tensorq.core.artifacts import ArtifactStore
+from tensorq.core.crypto import is_sealed
+from tensorq.core.sealed_files import SealedFiles
 from tensorq.core.settings import Settings
 from tests.helpers import create_api_key
 
@@ -53,6 +57,15 @@ def dataset_count(url: str) -> int:
 def stored_files(api: TestClient) -> list[Path]:
     root: Path = api.artifact_dir  # type: ignore[attr-defined]
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def opened(api: TestClient, path: Path) -> bytes:
+    """A stored dataset file's content: sealed with its tenant's data key, opened."""
+    url: str = api.sqlite_url  # type: ignore[attr-defined]
+    with get_sessionmaker(url)() as s:
+        tenant = s.scalars(select(Dataset.tenant)).first()
+    assert tenant is not None and is_sealed(path.read_bytes())
+    return SealedFiles(ArtifactStore(api.artifact_dir), tenant_cipher(url, tenant)).read(path)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -471,7 +484,7 @@ def test_an_upload_whose_commit_fails_leaves_no_file(api: TestClient) -> None:
         s.commit()
     r = upload_dataset(api, DATASET)
     assert r.status_code == 201, r.text
-    assert [f.read_bytes() for f in stored_files(api)] == [DATASET]
+    assert [opened(api, f) for f in stored_files(api)] == [DATASET]
 
 
 def test_an_upload_whose_commit_lands_but_then_raises_keeps_its_file(
@@ -523,4 +536,4 @@ def test_an_upload_being_parsed_does_not_hold_up_other_requests(
         release.set()
         uploader.join(timeout=30)
     assert [r.status_code for r in uploaded] == [201]
-    assert [f.read_bytes() for f in stored_files(api)] == [DATASET]
+    assert [opened(api, f) for f in stored_files(api)] == [DATASET]

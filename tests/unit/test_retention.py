@@ -384,7 +384,8 @@ def test_apply_on_postgres(pg_url: str, tmp_path: Path) -> None:
         session.expire_all()
         # Read through the ORM, which opens the sealed results (db/sealing.py).
         results: dict[uuid.UUID, Any] = {
-            job.id: job.result for job in session.scalars(select(Job).where(Job.id.in_([w.old_ok, w.recent_ok])))
+            job.id: job.result
+            for job in session.scalars(select(Job).where(Job.id.in_([w.old_ok, w.recent_ok])))
         }
         assert results == {w.old_ok: None, w.recent_ok: BIG_RESULT}
         assert session.get(Job, w.old_ok) is not None
