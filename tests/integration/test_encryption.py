@@ -237,6 +237,7 @@ def test_a_flipped_byte_in_a_column_or_a_file_is_a_data_integrity_error(deployme
             stored = conn.execute("SELECT params #>> '{}' FROM jobs WHERE id = %s", (job_id,)).fetchone()[0]
             flipped = stored[:30] + ("A" if stored[30] != "A" else "B") + stored[31:]
             conn.execute("UPDATE jobs SET params = to_jsonb(%s::text) WHERE id = %s", (flipped, job_id))
+
         # (The API cannot show it either: its input does not open. The row says what happened.)
         def final_state() -> tuple[str, str] | None:
             with psycopg.connect(dep.db_url) as conn:
