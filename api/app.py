@@ -16,6 +16,7 @@ from api.metrics import ApiMetrics
 from api.openai import routes as openai_routes
 from api.ratelimit import RateLimiter
 from api.routes import datasets, health, jobs, keys, models
+from api.submitting import GroupCommit
 from tensorq import __version__
 from tensorq.core.broker import Publisher
 from tensorq.core.events import EventListener, EventPublisher
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
         app.state.publisher = publisher
         metrics = ApiMetrics(settings, publisher)
         app.state.metrics = metrics
+        app.state.group_commit = GroupCommit(settings, publisher, metrics)
         app.state.presence = Presence(settings.redis_url, settings.worker_presence_cache_seconds)
         app.state.rate_limiter = RateLimiter(
             settings.redis_url, rate=settings.tenant_submit_rate, burst=settings.tenant_submit_burst

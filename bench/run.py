@@ -242,7 +242,12 @@ def throughput(svc: Service, n: int, via_batch: bool, n_threads: int = 8) -> dic
             time.sleep(0.02)
         wanted, results, cursor = set(submitted), 0, None
         while results < len(wanted):
-            params: dict[str, Any] = {"status": "succeeded", "kind": "embed", "limit": 200, "include": "result"}
+            params: dict[str, Any] = {
+                "status": "succeeded",
+                "kind": "embed",
+                "limit": 200,
+                "include": "result",
+            }
             if cursor:
                 params["cursor"] = cursor
             page = client.get("/v1/jobs", params=params).json()
@@ -481,7 +486,10 @@ def table(r: dict[str, Any]) -> str:
     if b:
         rows += [
             (f"bare model, best batch ({b['best_batch']})", f"{b['sentences_per_s']:.0f} sentences/s"),
-            ("bare model, one at a time", f"{b['rates_by_batch'][1]:.0f} sentences/s"),
+            (
+                "bare model, one at a time",
+                f"{dict((int(k), v) for k, v in b['rates_by_batch'].items())[1]:.0f} sentences/s",
+            ),
         ]
     if "naive" in r:
         rows.append(("naive (batching off, POST per job)", rate(r["naive"])))
@@ -509,17 +517,18 @@ def table(r: dict[str, Any]) -> str:
             ),
             ("Prefer: wait stages (p50 each)", stage_line(lat["stages_ms_p50"])),
         ]
+        rows.append(
+            ("bare model, same input (between the lone jobs)", f"p50 {r['lone_model_ms_p50']:.1f} ms")
+        )
         if b:
             rows += [
-                ("bare model, same input (between the lone jobs)", f"p50 {b['lone_ms_p50']:.1f} ms"),
                 ("bare model, same input after a 25 ms pause", f"p50 {b['lone_after_pause_ms_p50']:.1f} ms"),
                 ("bare model, same input after a 200 ms pause", f"p50 {b['lone_after_idle_ms_p50']:.1f} ms"),
-                ("service overhead (Prefer: wait p50 - model p50)", f"{r['overhead_ms']:.1f} ms"),
-                (
-                    "service overhead (POST + long-poll p50 - model p50)",
-                    f"{r['overhead_long_poll_ms']:.1f} ms",
-                ),
             ]
+        rows += [
+            ("service overhead (Prefer: wait p50 - model p50)", f"{r['overhead_ms']:.1f} ms"),
+            ("service overhead (POST + long-poll p50 - model p50)", f"{r['overhead_long_poll_ms']:.1f} ms"),
+        ]
         rows.append(
             (
                 "bare Celery apply_async().get() no-op (between them)",

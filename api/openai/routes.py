@@ -48,7 +48,7 @@ from api.openai.schemas import (
     ModelObject,
     OpenAIErrorOut,
 )
-from api.routes.jobs import MAX_WAIT_S, accept, follow_job, store_job
+from api.routes.jobs import MAX_WAIT_S, build_job, follow_job, group_commit
 from db.jobs import cancel_job
 from db.models import Job, JobStatus
 from db.openai_batches import get_batch, get_file, list_batches, new_batch_id
@@ -114,10 +114,15 @@ async def create_embeddings(
     job_id = uuid.uuid4()
     spec = JobSpec(call.model.kind, call.params)
 
-    def submit() -> Job:
+    def prepare() -> Job:
         check_limits(request, session, settings, principal, [spec], ("body",))
-        job = store_job(session, spec, settings, principal, job_id)
-        accept(request, session, publisher, [job])
+        job = build_job(session, spec, settings, principal, job_id)
+        session.close()  # the reads' transaction, if any: the job is stored by the group commit
+        return job
+
+    async def submit() -> Job:
+        job = await run_in_threadpool(prepare)
+        await group_commit(request).commit([job])
         return job
 
     def load() -> Job | None:
