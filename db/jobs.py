@@ -15,9 +15,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, Integer, and_, bindparam, column, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Table,
+    and_,
+    bindparam,
+    column,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
@@ -137,7 +149,8 @@ def _job_mapper() -> Any:
 
 @lru_cache(maxsize=1)
 def _insert_statement() -> Any:
-    return insert(Job.__table__).returning(Job.__table__.c.id)
+    table = cast(Table, Job.__table__)
+    return insert(table).returning(table.c.id)
 
 
 def mark_unpublished(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
