@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.background import BackgroundLoops
 from api.errors import BodyLimit, CatchAll, install_error_handlers
+from api.keycache import KeyCache
 from api.limits import ActiveJobCounts
 from api.metrics import ApiMetrics
 from api.openai import routes as openai_routes
@@ -51,6 +52,9 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
         listener.start()
         app.state.events = listener
         app.state.event_publisher = EventPublisher(settings.redis_url)
+        key_cache = KeyCache(settings.redis_url, settings.api_key_cache_seconds)
+        key_cache.start()
+        app.state.key_cache = key_cache
         if loops:
             loops.start()
         try:
@@ -61,6 +65,7 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
             app.state.rate_limiter.close()
             app.state.presence.close()
             await listener.stop()
+            await key_cache.stop()
             publisher.close()
 
     # /docs and /redoc with their Swagger UI and ReDoc assets served from the fastapi-offline

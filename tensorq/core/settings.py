@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     tenant_max_dataset_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
     tenant_max_datasets: int = Field(default=100, ge=1)
 
+    # Each API process caches the API keys it looked up for this long (0 = off). Revocations reach
+    # every process's cache through Redis pub/sub within milliseconds; the cache is bypassed while
+    # the subscription is down, so this only bounds a revocation whose publish failed (see
+    # api/keycache.py).
+    api_key_cache_seconds: float = Field(default=10.0, ge=0, le=3600)
+
     # Per-request limits (a job's texts are also capped by its kind's schema; these may only lower them).
     max_texts_per_job: int = Field(default=256, ge=1, le=256)
     max_batch_jobs: int = Field(default=1000, ge=1, le=1000)
