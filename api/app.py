@@ -19,6 +19,7 @@ from api.ratelimit import RateLimiter
 from api.routes import datasets, health, jobs, keys, models
 from api.submitting import GroupCommit
 from tensorq import __version__
+from tensorq.core.active_jobs import ActiveJobCounter
 from tensorq.core.broker import Publisher
 from tensorq.core.events import EventListener, EventPublisher
 from tensorq.core.presence import Presence
@@ -34,7 +35,9 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
         app.state.publisher = publisher
         metrics = ApiMetrics(settings, publisher)
         app.state.metrics = metrics
-        app.state.group_commit = GroupCommit(settings, publisher, metrics)
+        app.state.group_commit = GroupCommit(
+            settings, publisher, metrics, ActiveJobCounter(settings.redis_url)
+        )
         app.state.presence = Presence(settings.redis_url, settings.worker_presence_cache_seconds)
         app.state.rate_limiter = RateLimiter(
             settings.redis_url, rate=settings.tenant_submit_rate, burst=settings.tenant_submit_burst
@@ -52,6 +55,7 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
         listener.start()
         app.state.events = listener
         app.state.event_publisher = EventPublisher(settings.redis_url)
+        app.state.active_counter = ActiveJobCounter(settings.redis_url)
         key_cache = KeyCache(settings.redis_url, settings.api_key_cache_seconds)
         key_cache.start()
         app.state.key_cache = key_cache
@@ -66,6 +70,7 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
             app.state.presence.close()
             await listener.stop()
             await key_cache.stop()
+            app.state.active_counter.close()
             publisher.close()
 
     # /docs and /redoc with their Swagger UI and ReDoc assets served from the fastapi-offline

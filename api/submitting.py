@@ -25,6 +25,7 @@ from db.jobs import insert_jobs, mark_unpublished
 from db.models import Job
 from db.session import get_sessionmaker
 from tasks.registry import get_kind
+from tensorq.core.active_jobs import ActiveJobCounter
 from tensorq.core.broker import Publisher
 from tensorq.core.settings import Settings
 
@@ -83,8 +84,11 @@ def publish_after_commit(session: Session, publisher: Publisher, jobs: list[Job]
 class GroupCommit:
     """One per API process (app.state.group_commit). `sizes` observes the jobs of each commit."""
 
-    def __init__(self, settings: Settings, publisher: Publisher, metrics: ApiMetrics) -> None:
+    def __init__(
+        self, settings: Settings, publisher: Publisher, metrics: ApiMetrics, active_jobs: ActiveJobCounter
+    ) -> None:
         self.settings = settings
+        self.active_jobs = active_jobs
         self.publisher = publisher
         self.metrics = metrics
         self.sizes = Histogram(
@@ -125,6 +129,8 @@ class GroupCommit:
                     await run_in_threadpool(self._store, jobs)
                 except Exception as exc:
                     log.warning("group commit of %d job(s) failed; none stored: %s", len(jobs), exc)
+                    # Admitted (counted as active) but not stored.
+                    await run_in_threadpool(self.active_jobs.finished, [job.tenant for job in jobs])
                     for _, done in group:
                         if not done.done():
                             done.set_exception(CommitFailed())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -46,6 +47,7 @@ from db.openai_batches import (
 )
 from db.session import session_scope
 from db.tenants import Principal
+from tensorq.core.active_jobs import ActiveJobCounter
 from tensorq.core.artifacts import ArtifactStore
 from tensorq.core.broker import Publisher
 from tensorq.core.files import atomic_write
@@ -237,6 +239,7 @@ class BatchWork:
     def __init__(self, settings: Settings, publisher: Publisher) -> None:
         self.settings = settings
         self.publisher = publisher
+        self.active_jobs = ActiveJobCounter(settings.redis_url)
         self.store = ArtifactStore(settings.artifact_dir)
         self.url = settings.sqlalchemy_url
 
@@ -272,6 +275,8 @@ class BatchWork:
             with session_scope(self.url) as session:
                 max_texts = self.settings.batch_max_texts if self.settings.batching else 1
                 publish_after_commit(session, self.publisher, jobs, max_texts)
+            for tenant, n in Counter(job.tenant for job in jobs).items():
+                self.active_jobs.added(tenant, n)  # stored without the API's admission script
             return True
         if finalise:
             self._finalise(batch_id)

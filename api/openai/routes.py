@@ -135,8 +135,10 @@ async def create_embeddings(
     if not job.status.terminal:
 
         def give_up() -> None:
-            cancel_job(session, job_id, principal.tenant)
+            _, cancelled = cancel_job(session, job_id, principal.tenant)
             session.commit()
+            if cancelled:
+                request.app.state.active_counter.finished([principal.tenant])
 
         await run_in_threadpool(give_up)
         raise OpenAIError(
@@ -307,6 +309,7 @@ def cancel(
     cancelled = cancel_batch(session, batch)
     session.commit()
     if cancelled:
+        request.app.state.active_counter.finished([batch.tenant] * len(cancelled))
         request.app.state.event_publisher.changed(cancelled, final=True)
     wake_batches(request)
     return json_response(batch_out(session, batch))

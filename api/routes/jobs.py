@@ -471,6 +471,8 @@ def cancel(
 ) -> JobOut:
     job, cancelled = cancel_job(session, job_id, principal.tenant)
     session.commit()
+    if cancelled:
+        request.app.state.active_counter.finished([principal.tenant])
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
     # A job cancelled by an earlier call is as finished as a succeeded one; nothing changed to announce.
