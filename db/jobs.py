@@ -525,7 +525,6 @@ class Reaped(NamedTuple):
     requeued: list[uuid.UUID]  # left unpublished, for the sweeper
     failed: list[uuid.UUID]
     cancelled: list[uuid.UUID]  # their cancellation had been requested
-    finished_tenants: list[str] = []  # one per failed or cancelled job (active-job counts)
 
 
 def reap_expired_leases(session: Session) -> Reaped:
@@ -537,10 +536,10 @@ def reap_expired_leases(session: Session) -> Reaped:
         update(Job)
         .where(expired, Job.cancel_requested.is_(True))
         .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now, lease_expires_at=None)
-        .returning(Job.id, Job.tenant)
+        .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    cancelled_rows = list(cancelled)
+    cancelled_ids = list(cancelled.scalars())
     failed = session.execute(
         update(Job)
         .where(expired, Job.attempts >= Job.max_attempts)
@@ -551,10 +550,10 @@ def reap_expired_leases(session: Session) -> Reaped:
                 "the worker running this job stopped (no heartbeat within the lease) and no attempts are left",
             )
         )
-        .returning(Job.id, Job.tenant)
+        .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    failed_rows = list(failed)
+    failed_ids = list(failed.scalars())
     requeued = session.execute(
         update(Job)
         .where(expired, Job.attempts < Job.max_attempts)
@@ -562,9 +561,4 @@ def reap_expired_leases(session: Session) -> Reaped:
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    return Reaped(
-        list(requeued.scalars()),
-        [row.id for row in failed_rows],
-        [row.id for row in cancelled_rows],
-        [row.tenant for row in (*failed_rows, *cancelled_rows)],
-    )
+    return Reaped(list(requeued.scalars()), failed_ids, cancelled_ids)

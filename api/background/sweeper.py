@@ -14,7 +14,7 @@ import threading
 
 from db.jobs import mark_published, reap_expired_leases
 from db.models import utcnow
-from db.queries import jobs_to_publish
+from db.queries import job_tenants, jobs_to_publish
 from db.session import session_scope
 from tasks.registry import get_kind
 from tensorq.core.active_jobs import ActiveJobCounter
@@ -38,6 +38,8 @@ def sweep_once(
     url = settings.sqlalchemy_url
     with session_scope(url) as session:
         reaped = reap_expired_leases(session)
+        finished = reaped.failed + reaped.cancelled
+        tenants = job_tenants(session, finished) if finished and active_jobs is not None else []
     for job_id in reaped.requeued:
         log.warning("job %s: lease expired, requeued", job_id, extra={"job_id": str(job_id)})
     for job_id in reaped.failed:
@@ -46,7 +48,7 @@ def sweep_once(
         )
     final = reaped.failed + reaped.cancelled
     if active_jobs is not None:
-        active_jobs.finished(reaped.finished_tenants)
+        active_jobs.finished(tenants)
     if final and events is not None:
         events.changed(final, final=True)  # their waiters answer now, not when their wait runs out
     # Every job due now, page by page: a published job's published_at moves past `now`, so no
