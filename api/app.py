@@ -13,13 +13,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.background import BackgroundLoops
 from api.errors import BodyLimit, CatchAll, install_error_handlers
+from api.keycache import KeyCache
 from api.limits import ActiveJobCounts
 from api.metrics import ApiMetrics
 from api.openai import routes as openai_routes
 from api.ratelimit import RateLimiter
 from api.routes import datasets, health, jobs, keys, models
+from api.submitting import GroupCommit
 from db.keys import check_master_key
 from tensorq import __version__
+from tensorq.core.active_jobs import ActiveJobCounter
 from tensorq.core.broker import Publisher
 from tensorq.core.events import EventListener, EventPublisher
 from tensorq.core.presence import Presence
@@ -43,6 +46,9 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
         app.state.publisher = publisher
         metrics = ApiMetrics(settings, publisher)
         app.state.metrics = metrics
+        app.state.group_commit = GroupCommit(
+            settings, publisher, metrics, ActiveJobCounter(settings.redis_url)
+        )
         app.state.presence = Presence(settings.redis_url, settings.worker_presence_cache_seconds)
         app.state.rate_limiter = RateLimiter(
             settings.redis_url, rate=settings.tenant_submit_rate, burst=settings.tenant_submit_burst
@@ -60,6 +66,10 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
         listener.start()
         app.state.events = listener
         app.state.event_publisher = EventPublisher(settings.redis_url)
+        app.state.active_counter = ActiveJobCounter(settings.redis_url)
+        key_cache = KeyCache(settings.redis_url, settings.api_key_cache_seconds)
+        key_cache.start()
+        app.state.key_cache = key_cache
         if loops:
             loops.start()
         try:
@@ -70,6 +80,8 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
             app.state.rate_limiter.close()
             app.state.presence.close()
             await listener.stop()
+            await key_cache.stop()
+            app.state.active_counter.close()
             publisher.close()
 
     # /docs and /redoc with their Swagger UI and ReDoc assets served from the fastapi-offline

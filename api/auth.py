@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.deps import get_session
+from api.keycache import KeyCache
 from api.schemas import ErrorOut
-from db.tenants import Principal, authenticate
+from db.tenants import Principal, authenticate, hash_key, looks_like_key
 
 bearer = HTTPBearer(
     auto_error=False,
@@ -23,7 +25,7 @@ UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
 }
 
 
-def current_principal(
+async def current_principal(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     session: Session = Depends(get_session),
@@ -34,7 +36,19 @@ def current_principal(
             detail="missing API key (Authorization: Bearer <key>)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    principal = authenticate(session, credentials.credentials)
+    key = credentials.credentials
+    cache: KeyCache | None = getattr(request.app.state, "key_cache", None)
+    principal = None
+    if cache is not None and looks_like_key(key):
+        digest = hash_key(key)
+        principal = cache.get(digest)
+        if principal is None:
+            generation = cache.generation
+            principal = await run_in_threadpool(authenticate, session, key)
+            if principal is not None:
+                cache.put(digest, principal, generation)
+    else:
+        principal = await run_in_threadpool(authenticate, session, key)
     if principal is None:
         raise HTTPException(
             status_code=401, detail="unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"}

@@ -42,29 +42,54 @@ def check_limits(
     errors += device_errors(request.app.state.presence, items, loc)
     if errors:
         raise RequestValidationError(errors)
-    counts: ActiveJobCounts = request.app.state.active_jobs
-    active = counts.refusing(session, principal.tenant, len(items), settings.tenant_max_active_jobs)
-    if active is not None:
-        raise HTTPException(
-            status_code=429,
-            detail=f"tenant {principal.tenant!r} has {active} jobs queued or running; "
-            f"the quota is {settings.tenant_max_active_jobs}",
-            headers={"Retry-After": "5"},
-        )
+    admit(request, session, settings, principal.tenant, len(items))
+
+
+def admit(request: Request, session: Session, settings: Settings, tenant: str, n: int) -> None:
+    """The tenant's active-job quota and submission rate, in one Redis round trip; a refusal by the
+    quota rests on a fresh COUNT from the database (tensorq.core.active_jobs)."""
     limiter: RateLimiter = request.app.state.rate_limiter
-    wait = limiter.acquire(principal.tenant, len(items))
-    if math.isinf(wait):
+    quota = settings.tenant_max_active_jobs
+    verdict = limiter.admit(tenant, n, quota)
+    if verdict.outcome == "seed":
+        limiter.set_active(tenant, count_active_jobs(session, tenant), only_if_missing=True)
+        verdict = limiter.admit(tenant, n, quota)
+    if verdict.outcome == "quota":
+        active = count_active_jobs(session, tenant)
+        if active + n > quota:
+            raise over_quota(tenant, active, quota)
+        limiter.set_active(tenant, active, only_if_missing=False)  # it had drifted high
+        verdict = limiter.admit(tenant, n, quota)
+        if verdict.outcome == "quota":
+            raise over_quota(tenant, int(verdict.value), quota)
+    if verdict.outcome == "unavailable":
+        # Redis away: the quota from the database's count (read at most every second), no rate.
+        counts: ActiveJobCounts = request.app.state.active_jobs
+        active_now = counts.refusing(session, tenant, n, quota)
+        if active_now is not None:
+            raise over_quota(tenant, active_now, quota)
+        return
+    if verdict.outcome != "rate":
+        return
+    if math.isinf(verdict.value):
         raise HTTPException(
             status_code=429,
-            detail=f"{len(items)} jobs exceed the tenant's burst of {limiter.burst}; send fewer per request",
+            detail=f"{n} jobs exceed the tenant's burst of {limiter.burst}; send fewer per request",
             headers={"Retry-After": "60"},
         )
-    if wait > 0:
-        raise HTTPException(
-            status_code=429,
-            detail=f"over the tenant's submission rate of {limiter.rate:g} jobs/s",
-            headers={"Retry-After": str(max(1, math.ceil(wait)))},
-        )
+    raise HTTPException(
+        status_code=429,
+        detail=f"over the tenant's submission rate of {limiter.rate:g} jobs/s",
+        headers={"Retry-After": str(max(1, math.ceil(verdict.value)))},
+    )
+
+
+def over_quota(tenant: str, active: int, quota: int) -> HTTPException:
+    return HTTPException(
+        status_code=429,
+        detail=f"tenant {tenant!r} has {active} jobs queued or running; the quota is {quota}",
+        headers={"Retry-After": "5"},
+    )
 
 
 def request_errors(settings: Settings, items: list[Any], loc: tuple[str, ...]) -> list[dict[str, Any]]:

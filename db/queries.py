@@ -139,3 +139,8 @@ def count_jobs(session: Session) -> list[tuple[str, JobStatus, int]]:
     """(kind, status, count) for every kind and status present, for metrics."""
     rows = session.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status))
     return [(kind, status, int(n)) for kind, status, n in rows]
+
+
+def job_tenants(session: Session, job_ids: Sequence[uuid.UUID]) -> list[str]:
+    """The tenant of each of these jobs (one name per job found)."""
+    return list(session.scalars(select(Job.tenant).where(Job.id.in_(job_ids))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -9,6 +10,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -36,8 +38,31 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10}, **JSON_CODEC)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    # pre_ping survives a PostgreSQL restart: a dead pooled connection is replaced, not handed out.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **JSON_CODEC)
+    # No pre-ping: it cost a round trip per checkout, i.e. per transaction. A dead pooled connection
+    # is found by `_discard_if_dead` without one and replaced (the pool retries the checkout).
+    engine = create_engine(url, pool_size=10, max_overflow=20, **JSON_CODEC)
+    event.listen(engine, "checkout", _discard_if_dead)
+    return engine
+
+
+def _discard_if_dead(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+    """Refuse a pooled connection the server has closed, without a round trip: an idle
+    connection has nothing to read unless the server said goodbye (pg_terminate_backend, a
+    shutdown or restart send an error and close; a crashed server's socket reads EOF). Raising
+    DisconnectionError makes SQLAlchemy's pool throw the connection away and check out another
+    (up to three tries, then a fresh connection). A connection whose peer vanished silently (a
+    dropped network path) still passes; its first statement fails and SQLAlchemy invalidates it."""
+    pgconn = getattr(dbapi_conn, "pgconn", None)
+    if pgconn is None:  # not psycopg
+        return
+    if dbapi_conn.closed or pgconn.status != 0:  # psycopg.pq.ConnStatus.OK
+        raise DisconnectionError("connection closed")
+    try:
+        readable, _, _ = select.select([pgconn.socket], [], [], 0)
+    except (OSError, ValueError) as exc:
+        raise DisconnectionError(f"connection socket unusable: {exc}") from exc
+    if readable:
+        raise DisconnectionError("the server closed or is closing the connection")
 
 
 @lru_cache(maxsize=4)

@@ -75,9 +75,13 @@ def create_key(
     return row, key
 
 
+def looks_like_key(key: str) -> bool:
+    return key.startswith(KEY_PREFIX) and len(key) <= 200
+
+
 def authenticate(session: Session, key: str) -> Principal | None:
     """The principal a presented key stands for, or None (unknown or revoked)."""
-    if not key.startswith(KEY_PREFIX) or len(key) > 200:
+    if not looks_like_key(key):
         return None
     digest = hash_key(key)
     row = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).one_or_none()

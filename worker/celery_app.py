@@ -114,6 +114,8 @@ def _prepare_process(**_: Any) -> None:
     for kind in all_kinds().values():
         if kind.warmup is not None:
             kind.warmup(runner.context(None))
+    if settings.benchmark_skip_forward_pass:
+        log.warning("BENCHMARK MODE: embed jobs skip the forward pass; their results are not embeddings")
     # What libgomp itself read (set by `tensorq worker` from TENSORQ_OMP_SPIN_COUNT), not a setting.
     spin = os.environ.get("GOMP_SPINCOUNT", "libgomp default")
     log.info(

@@ -19,7 +19,7 @@ from tasks.context import JobCancelled, JobContext, JobError, JobTimeout
 from tasks.registry import JobKind
 from tensorq.core.crypto import DataIntegrityError
 from tensorq.core.settings import Settings
-from worker import metrics
+from worker import benchmark_mode, metrics
 from worker.job_context import JobContexts, pins_of
 from worker.retry import is_transient
 
@@ -168,7 +168,11 @@ class Executor:
         try:
             check_readable(job.params)
             with torch_threads(self.small_forward(kind, job.params)) as threads:
-                result = kind.run_json(job.params, ctx)
+                if self.settings.benchmark_skip_forward_pass and benchmark_mode.skips(kind):
+                    params = kind.params.model_validate(job.params)
+                    result = benchmark_mode.embed_results([params])[0].model_dump(mode="json")
+                else:
+                    result = kind.run_json(job.params, ctx)
             progress.flush(final=True)
             outcome = Outcome(job.id, job.claim_token, JobStatus.SUCCEEDED, result=result, tenant=job.tenant)
         except Exception as exc:
@@ -203,7 +207,10 @@ class Executor:
             started = time.perf_counter()
             try:
                 with torch_threads(self.small_forward(kind, texts)) as threads:
-                    results = kind.run_batch([params for _, params in chunk], ctx)
+                    if self.settings.benchmark_skip_forward_pass and benchmark_mode.skips(kind):
+                        results = benchmark_mode.embed_results([params for _, params in chunk])
+                    else:
+                        results = kind.run_batch([params for _, params in chunk], ctx)
             except Exception as exc:
                 exc = self.as_timeout(exc)
                 if len(chunk) == 1 or isinstance(exc, JobTimeout):

@@ -21,6 +21,7 @@ from db.jobs import Outcome
 from db.models import Job, JobStatus
 from tasks.context import JobContext
 from tasks.registry import get_kind
+from tensorq.core.active_jobs import ActiveJobCounter
 from tensorq.core.artifacts import ArtifactStore
 from tensorq.core.events import EventPublisher
 from tensorq.core.settings import Settings
@@ -51,6 +52,7 @@ class Runner:
         self.leases = LeaseKeeper(settings.sqlalchemy_url, settings.lease_seconds)
         self.finished_in_batches = RecentlyFinished()
         self.events = EventPublisher(settings.redis_url)
+        self.active_jobs = ActiveJobCounter(settings.redis_url)
         store = ArtifactStore(settings.artifact_dir)
         self.contexts = JobContexts(settings, self.models, self.leases, self.events, store)
         self.claimer = Claimer(settings)
@@ -96,6 +98,7 @@ class Runner:
             outcomes, written, rows = with_retries(
                 lambda: self.committer.commit(kind, outcomes, tenants), what=f"finish job {jid}"
             )
+            self.active_jobs.finished(tenants[job_id] for job_id in written)  # final: no longer active
             self.committer.clean_work_dirs([o for o in outcomes if o.job_id in written])
             self.events.changed(
                 written, finished=finished_info(jobs, outcomes, written), final=True, rows=rows

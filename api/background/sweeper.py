@@ -14,9 +14,10 @@ import threading
 
 from db.jobs import mark_published, reap_expired_leases
 from db.models import utcnow
-from db.queries import jobs_to_publish
+from db.queries import job_tenants, jobs_to_publish
 from db.session import session_scope
 from tasks.registry import get_kind
+from tensorq.core.active_jobs import ActiveJobCounter
 from tensorq.core.broker import Publisher
 from tensorq.core.events import EventPublisher
 from tensorq.core.settings import Settings
@@ -31,11 +32,14 @@ def sweep_once(
     publisher: Publisher,
     republish_all: bool = False,
     events: EventPublisher | None = None,
+    active_jobs: ActiveJobCounter | None = None,
 ) -> tuple[int, int]:
     """One pass; returns (jobs requeued, failed or cancelled by the reaper, jobs published)."""
     url = settings.sqlalchemy_url
     with session_scope(url) as session:
         reaped = reap_expired_leases(session)
+        finished = reaped.failed + reaped.cancelled
+        tenants = job_tenants(session, finished) if finished and active_jobs is not None else []
     for job_id in reaped.requeued:
         log.warning("job %s: lease expired, requeued", job_id, extra={"job_id": str(job_id)})
     for job_id in reaped.failed:
@@ -43,6 +47,8 @@ def sweep_once(
             "job %s: lease expired with no attempts left, failed", job_id, extra={"job_id": str(job_id)}
         )
     final = reaped.failed + reaped.cancelled
+    if active_jobs is not None:
+        active_jobs.finished(tenants)
     if final and events is not None:
         events.changed(final, final=True)  # their waiters answer now, not when their wait runs out
     # Every job due now, page by page: a published job's published_at moves past `now`, so no
@@ -74,6 +80,7 @@ class Sweeper:
         self.settings = settings
         self.publisher = publisher
         self.events = EventPublisher(settings.redis_url)
+        self.active_jobs = ActiveJobCounter(settings.redis_url)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sweeper", daemon=True)
 
@@ -95,7 +102,13 @@ class Sweeper:
             if restarted:
                 log.warning("Redis restarted (run_id changed): republishing every queued job")
             try:
-                sweep_once(self.settings, self.publisher, republish_all=restarted, events=self.events)
+                sweep_once(
+                    self.settings,
+                    self.publisher,
+                    republish_all=restarted,
+                    events=self.events,
+                    active_jobs=self.active_jobs,
+                )
                 broker_run = run_id or broker_run
             except Exception as exc:
                 # Broker or database away: try again next interval.

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -52,6 +53,7 @@ from db.openai_batches import (
 )
 from db.session import session_scope
 from db.tenants import Principal
+from tensorq.core.active_jobs import ActiveJobCounter
 from tensorq.core.artifacts import ArtifactStore
 from tensorq.core.broker import Publisher
 from tensorq.core.crypto import DataIntegrityError
@@ -244,6 +246,7 @@ class BatchWork:
     def __init__(self, settings: Settings, publisher: Publisher) -> None:
         self.settings = settings
         self.publisher = publisher
+        self.active_jobs = ActiveJobCounter(settings.redis_url)
         self.store = ArtifactStore(settings.artifact_dir)
         self.url = settings.sqlalchemy_url
         # The input file last opened (file id, its plaintext), for the batch's next chunk.
@@ -290,6 +293,8 @@ class BatchWork:
             with session_scope(self.url) as session:
                 max_texts = self.settings.batch_max_texts if self.settings.batching else 1
                 publish_after_commit(session, self.publisher, jobs, max_texts)
+            for tenant, n in Counter(job.tenant for job in jobs).items():
+                self.active_jobs.added(tenant, n)  # stored without the API's admission script
             return True
         if finalise:
             self._finalise(batch_id)

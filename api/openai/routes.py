@@ -49,7 +49,7 @@ from api.openai.schemas import (
     ModelObject,
     OpenAIErrorOut,
 )
-from api.routes.jobs import MAX_WAIT_S, accept, follow_job, store_job
+from api.routes.jobs import MAX_WAIT_S, build_job, follow_job, group_commit
 from db.jobs import cancel_job
 from db.models import Job, JobStatus
 from db.openai_batches import get_batch, get_file, list_batches, new_batch_id
@@ -110,10 +110,15 @@ async def create_embeddings(
     job_id = uuid.uuid4()
     spec = JobSpec(call.model.kind, call.params)
 
-    def submit() -> Job:
+    def prepare() -> Job:
         check_limits(request, session, settings, principal, [spec], ("body",))
-        job = store_job(session, spec, settings, principal, job_id)
-        accept(request, session, publisher, [job])
+        job = build_job(session, spec, settings, principal, job_id)
+        session.close()  # the reads' transaction, if any: the job is stored by the group commit
+        return job
+
+    async def submit() -> Job:
+        job = await run_in_threadpool(prepare)
+        await group_commit(request).commit([job])
         return job
 
     def load() -> Job | None:
@@ -126,8 +131,10 @@ async def create_embeddings(
     if not job.status.terminal:
 
         def give_up() -> None:
-            cancel_job(session, job_id, principal.tenant)
+            _, cancelled = cancel_job(session, job_id, principal.tenant)
             session.commit()
+            if cancelled:
+                request.app.state.active_counter.finished([principal.tenant])
 
         await run_in_threadpool(give_up)
         raise OpenAIError(
@@ -301,6 +308,7 @@ def cancel(
     cancelled = cancel_batch(session, batch)
     session.commit()
     if cancelled:
+        request.app.state.active_counter.finished([batch.tenant] * len(cancelled))
         request.app.state.event_publisher.changed(cancelled, final=True)
     wake_batches(request)
     return json_response(batch_out(session, batch))

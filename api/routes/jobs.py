@@ -8,7 +8,7 @@ import logging
 import threading
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
@@ -31,8 +31,9 @@ from api.schemas import (
     JobOut,
     JobSummary,
 )
-from db.batching import BatchKey, key_of
-from db.jobs import cancel_job, create_job, mark_unpublished
+from api.submitting import GroupCommit, publish_after_commit
+from api.submitting import message_groups as message_groups  # re-exported (tests, older imports)
+from db.jobs import cancel_job, new_job
 from db.models import Job, JobStatus
 from db.queries import encode_cursor, fetch_job, get_job, job_payloads, list_jobs
 from db.rollouts import assign
@@ -73,44 +74,6 @@ LIST_PAYLOAD_READERS = 2
 _payload_readers = threading.BoundedSemaphore(LIST_PAYLOAD_READERS)
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
-
-
-def message_groups(jobs: list[Job], max_texts: int) -> list[tuple[str, list[str], str]]:
-    """Jobs submitted together that a worker would put in one batch anyway (`db.batching`'s rule,
-    up to `max_texts` texts) go out as one message naming them all: a message per job made the
-    worker consume, and acknowledge, a message for every job a batch had already finished.
-    Everything else is one message per job."""
-    open_groups: dict[BatchKey, tuple[list[str], int]] = {}  # -> (ids, texts)
-    messages: list[tuple[str, list[str], str]] = []
-    for job in jobs:
-        kind = get_kind(job.kind)
-        if kind.run_batch is None or max_texts <= 1:
-            messages.append((kind.task_name, [str(job.id)], job.queue))
-            continue
-        cost = kind.batch_cost(kind.params.model_construct(**job.params))
-        key = key_of(job, reads_tenant_data=True)  # a message names one tenant's jobs, whatever the kind
-        ids, texts = open_groups.get(key, ([], 0))
-        if not ids or texts + cost > max_texts:
-            ids, texts = [], 0
-            messages.append((kind.task_name, ids, job.queue))
-        ids.append(str(job.id))
-        open_groups[key] = (ids, texts + cost)
-    return messages
-
-
-def publish_after_commit(session: Session, publisher: Publisher, jobs: list[Job], max_texts: int = 1) -> None:
-    """The rows are committed; if the broker is away they stay queued for the sweeper to publish."""
-    try:
-        publisher.publish_groups(message_groups(jobs, max_texts))
-    except Exception as exc:
-        log.warning(
-            "publish failed for %d job(s), left for the sweeper: %s",
-            len(jobs),
-            exc,
-            extra={"job_id": str(jobs[0].id)},
-        )
-        mark_unpublished(session, [job.id for job in jobs])
-        session.commit()
 
 
 def accept(request: Request, session: Session, publisher: Publisher, jobs: list[Job]) -> None:
@@ -180,15 +143,20 @@ async def submit_job(
     wait = preferred_wait(prefer)
     job_id = uuid.uuid4()
 
-    def submit() -> Job:
+    def prepare() -> Job:
         check_limits(request, session, settings, principal, [body], ("body",))
-        job = store_job(session, body, settings, principal, job_id)
-        accept(request, session, publisher, [job])
+        job = build_job(session, body, settings, principal, job_id)
+        session.close()  # the reads' transaction, if any: the job is stored by the group commit
+        return job
+
+    async def submit() -> Job:
+        job = await run_in_threadpool(prepare)
+        await group_commit(request).commit([job])
         return job
 
     headers = {"Location": f"/v1/jobs/{job_id}"}
     if wait is None:
-        job = await run_in_threadpool(submit)
+        job = await submit()
         return model_response(JobOut.from_row(job), 202, headers)
 
     def load() -> Job | None:
@@ -201,17 +169,32 @@ async def submit_job(
     return model_response(JobOut.from_row(found), 201 if found.status.terminal else 202, headers)
 
 
+def group_commit(request: Request) -> GroupCommit:
+    committer: GroupCommit = request.app.state.group_commit
+    return committer
+
+
 def store_job(
     session: Session, body: Any, settings: Settings, principal: Principal, job_id: uuid.UUID | None = None
 ) -> Job:
+    """`build_job`, added to the session (stored by its commit)."""
+    job = build_job(session, body, settings, principal, job_id)
+    session.add(job)
+    return job
+
+
+def build_job(
+    session: Session, body: Any, settings: Settings, principal: Principal, job_id: uuid.UUID | None = None
+) -> Job:
+    """The new job's row for a validated body (in no session); `session` reads a registered
+    model's alias."""
     kind = get_kind(body.kind)
     job_id = job_id or uuid.uuid4()
     model = kind.model_of(body.input)
     # A registered model named through an alias gets its version (and shadow) now, by the job's id.
     registered = kind.category == "inference" and kind.reads_tenant_data
     version, shadow = assign(session, principal.tenant, model, job_id) if registered else (None, None)
-    return create_job(
-        session,
+    return new_job(
         job_id=job_id,
         tenant=principal.tenant,
         kind=kind.name,
@@ -265,7 +248,10 @@ async def read_job(
     def load() -> Job | None:
         return fetch_job(session, job_id, principal.tenant)
 
-    job = await follow_job(events, session, job_id, load, load, wait, until)
+    async def first() -> Job | None:
+        return await run_in_threadpool(load)
+
+    job = await follow_job(events, session, job_id, first, load, wait, until)
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
     return model_response(JobOut.from_row(job))
@@ -275,7 +261,7 @@ async def follow_job(
     events: EventListener,
     session: Session,
     job_id: uuid.UUID,
-    first: Callable[[], Job | None],
+    first: Callable[[], Awaitable[Job | None]],
     load: Callable[[], Job | None],
     wait: float,
     until: Literal["change", "finished"],
@@ -286,7 +272,7 @@ async def follow_job(
     deadline = loop.time() + wait
     # Subscribed before the first read, so a change in between is not missed.
     with events.watch(job_id, end_only=until == "finished") as changed:
-        job = await run_in_threadpool(first)
+        job = await first()
         seen = None if job is None else (job.status, job.updated_at)
         while job is not None and not job.status.terminal and wait > 0:
             if until == "change" and (job.status, job.updated_at) != seen:
@@ -486,6 +472,8 @@ def cancel(
 ) -> JobOut:
     job, cancelled = cancel_job(session, job_id, principal.tenant)
     session.commit()
+    if cancelled:
+        request.app.state.active_counter.finished([principal.tenant])
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
     # A job cancelled by an earlier call is as finished as a succeeded one; nothing changed to announce.

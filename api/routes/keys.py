@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from api.auth import UNAUTHORIZED, admin_principal, current_principal
 from api.deps import get_session, get_settings
+from api.keycache import KeyCache
 from api.schemas import ErrorOut, KeyCreate, KeyCreated, KeyList, KeyOut, WebhookSecretOut
 from db.models import ApiKey
 from db.queries import count_active_jobs
@@ -134,6 +135,7 @@ def new_key(
     summary="Revoke a key; it stops working at once",
 )
 def revoke(
+    request: Request,
     key_id: uuid.UUID,
     principal: Principal = Depends(admin_principal),
     session: Session = Depends(get_session),
@@ -143,6 +145,10 @@ def revoke(
         raise HTTPException(status_code=404, detail="key not found")
     revoke_key(session, row)
     session.commit()
+    # Out of this process's key cache before the answer, and out of the others' via Redis.
+    cache: KeyCache | None = getattr(request.app.state, "key_cache", None)
+    if cache is not None:
+        cache.revoked(row.id)
     return key_out(row)
 
 

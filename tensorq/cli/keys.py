@@ -96,7 +96,25 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or its lis
             typer.echo(f"no single key matches {key!r}", err=True)
             raise typer.Exit(1)
         revoke_key(session, row)
-        typer.echo(f"revoked {row.id} ({row.prefix}…, tenant {row.tenant})")
+        key_id, prefix, tenant = row.id, row.prefix, row.tenant
+    # Committed; now out of every API process's key cache (api/keycache.py).
+    import redis
+
+    from tensorq.core.revocations import publish_revocation
+
+    redis_url = get_settings().redis_url
+    client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        told = publish_revocation(client, redis_url, key_id)
+    finally:
+        client.close()
+    typer.echo(f"revoked {key_id} ({prefix}…, tenant {tenant})")
+    if not told:
+        typer.echo(
+            "warning: Redis unreachable; API processes still subscribed may accept the key for up to "
+            f"{get_settings().api_key_cache_seconds:g} s (TENSORQ_API_KEY_CACHE_SECONDS)",
+            err=True,
+        )
 
 
 @keys_app.command("webhook-secret")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, IPvAnyNetwork, SecretStr
+from pydantic import Field, IPvAnyNetwork, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     # Per-tenant quotas on stored datasets (all uploads together): bytes and count. Over them: 413.
     tenant_max_dataset_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
     tenant_max_datasets: int = Field(default=100, ge=1)
+
+    # Each API process caches the API keys it looked up for this long (0 = off). Revocations reach
+    # every process's cache through Redis pub/sub within milliseconds; the cache is bypassed while
+    # the subscription is down, so this only bounds a revocation whose publish failed (see
+    # api/keycache.py).
+    api_key_cache_seconds: float = Field(default=10.0, ge=0, le=3600)
 
     # Per-request limits (a job's texts are also capped by its kind's schema; these may only lower them).
     max_texts_per_job: int = Field(default=256, ge=1, le=256)
@@ -127,6 +133,12 @@ class Settings(BaseSettings):
     batch_max_texts: int = Field(default=128, ge=1, le=4096)
     batch_max_wait_ms: float = Field(default=5.0, ge=0, le=1000)
 
+    # BENCHMARK ONLY, off by default: the worker skips the forward pass of `embed` jobs and writes a
+    # fixed 384-float vector per text, so `bench.run` can measure the service's own ceiling (queue
+    # capacity) with a model that costs nearly nothing. Results are not embeddings. Accepted only
+    # with a database whose name contains "bench" (the benchmark's own), never in a real deployment.
+    benchmark_skip_forward_pass: bool = False
+
     # Model rollouts: the window of an alias's per-version statistics (GET /v1/models/{name}/aliases/{alias}).
     rollout_stats_window_seconds: float = Field(default=3600.0, gt=0)
 
@@ -140,6 +152,15 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # "json", "text", or "auto": JSON lines unless stderr is a terminal.
     log_format: str = Field(default="auto", pattern="^(auto|json|text)$")
+
+    @model_validator(mode="after")
+    def _benchmark_mode_only_in_benchmarks(self) -> Settings:
+        if self.benchmark_skip_forward_pass and "bench" not in self.database_url.rpartition("/")[2]:
+            raise ValueError(
+                "TENSORQ_BENCHMARK_SKIP_FORWARD_PASS is benchmark-only (results are not embeddings); "
+                "it is refused unless the database's name contains 'bench'"
+            )
+        return self
 
     @property
     def sqlalchemy_url(self) -> str:
