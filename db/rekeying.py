@@ -13,6 +13,7 @@ import hmac
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,6 +306,8 @@ class TenantDeletion:
     rows: dict[str, int] = field(default_factory=dict)
     files: int = 0
     file_bytes: int = 0
+    # Its API keys: the caller tells the API processes' key caches they are gone.
+    key_ids: list[uuid.UUID] = field(default_factory=list)
 
 
 def delete_tenant(
@@ -318,6 +321,7 @@ def delete_tenant(
     report.file_bytes = sum(p.stat().st_size for p in files)
     with engine.begin() as conn:
         report.data_keys = int(conn.scalar(select(func.count()).where(TenantKey.tenant == tenant)) or 0)
+        report.key_ids = list(conn.scalars(select(ApiKey.id).where(ApiKey.tenant == tenant)))
         model_ids = select(Model.id).where(Model.tenant == tenant)
         batch_ids = select(OpenAIBatch.id).where(OpenAIBatch.tenant == tenant)
         # Children before parents (SQLite enforces no foreign keys here, so no cascade either).

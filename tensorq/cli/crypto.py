@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -159,9 +159,29 @@ def tenants_delete(
         "files": report.files,
         "file_bytes": report.file_bytes,
     }
+    if apply:
+        _revoke_cached_keys(settings, report.key_ids)
     typer.echo(json.dumps(summary))
     if not apply:
         typer.echo("(dry run: nothing deleted; add --apply)", err=True)
+
+
+def _revoke_cached_keys(settings: Settings, key_ids: list[Any]) -> None:
+    """The deleted keys out of every API process's key cache (api/keycache.py), as `keys revoke` does."""
+    import redis
+
+    from tensorq.core.revocations import publish_revocation
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        if not all([publish_revocation(client, settings.redis_url, key_id) for key_id in key_ids]):
+            typer.echo(
+                "warning: Redis unreachable; API processes may accept the tenant's keys for up to "
+                f"{settings.api_key_cache_seconds:g} s (TENSORQ_API_KEY_CACHE_SECONDS)",
+                err=True,
+            )
+    finally:
+        client.close()
 
 
 @needs("server")

@@ -111,13 +111,14 @@ def test_a_lone_submission_is_committed_in_a_group_of_its_own(client: httpx.Clie
 
 @contextlib.contextmanager
 def commits_fail_for(pg_url: str, marker: str) -> Iterator[None]:
-    """A deferred constraint trigger: a transaction that inserted a job whose params mention
-    `marker` fails at COMMIT (after every INSERT of it succeeded)."""
+    """A deferred constraint trigger: a transaction that inserted a job whose webhook URL mentions
+    `marker` fails at COMMIT (after every INSERT of it succeeded). Not the params: those are
+    sealed (docs/security.md)."""
     fn, trigger = f"fail_{uuid.uuid4().hex[:8]}", f"trg_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(
             f"CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            f"IF NEW.params::text LIKE '%{marker}%' THEN RAISE EXCEPTION 'commit refused by the test'; END IF; "
+            f"IF NEW.webhook_url LIKE '%{marker}%' THEN RAISE EXCEPTION 'commit refused by the test'; END IF; "
             "RETURN NEW; END $$"
         )
         conn.execute(
@@ -136,14 +137,16 @@ def test_a_group_whose_commit_fails_fails_every_request_and_stores_none(
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     marker = f"poison-{tag}"
-    bodies = [embed(f"{tag} fine {i}") for i in range(GROUP - 1)] + [embed(marker)]
+    hook = "https://hooks.example.com"
+    bodies = [{**embed("fine"), "webhook": f"{hook}/{tag}/fine-{i}"} for i in range(GROUP - 1)]
+    bodies.append({**embed("poisoned"), "webhook": f"{hook}/{marker}"})
     with commits_fail_for(pg_url, marker):
         first, rest = post_group(service, pg_url, bodies)
     assert first.status_code == 202  # its own group, committed before
     assert [r.status_code for r in rest] == [503] * GROUP
     assert all(r.headers["retry-after"] for r in rest)
     with psycopg.connect(pg_url) as conn:
-        row = conn.execute("SELECT count(*) FROM jobs WHERE params::text LIKE %s", (f"%{tag}%",)).fetchone()
+        row = conn.execute("SELECT count(*) FROM jobs WHERE webhook_url LIKE %s", (f"%{tag}%",)).fetchone()
     assert row is not None and row[0] == 0
     # The service goes on: the next submission is stored and runs.
     r = client.post("/v1/jobs", json=embed("after the failed group"))
