@@ -9,6 +9,7 @@ API and the workers call `check_master_key` at start, to refuse to start instead
 from __future__ import annotations
 
 import hmac
+import os
 import threading
 import time
 
@@ -198,6 +199,11 @@ def _url_of(engine: Engine) -> str:
 
 def install_keyring(engine: Engine, settings: Settings, *, record: bool = True) -> Keyring:
     """The keyring of `engine`'s database, built from `settings` and verified (MasterKeyError)."""
+    if settings.benchmark_unencrypted and "bench" not in os.path.basename(engine.url.database or ""):
+        # As TENSORQ_BENCHMARK_SKIP_FORWARD_PASS: only on a benchmark's own database.
+        raise MasterKeyError(
+            "TENSORQ_BENCHMARK_UNENCRYPTED is refused on a database whose name has no 'bench'"
+        )
     keyring = Keyring(
         master_key(settings),
         engine,

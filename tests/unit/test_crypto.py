@@ -232,3 +232,11 @@ def test_a_first_start_with_another_key_than_the_data_keys_were_made_with_is_ref
         Keyring(generate_key(), engine).verify()
     first.verify()
     assert raw(sqlite_url, "SELECT master_fingerprint IS NOT NULL FROM key_check") == [(1,)]
+
+
+def test_the_unencrypted_benchmark_control_is_refused_outside_a_benchmark_database(sqlite_url: str) -> None:
+    settings = Settings(
+        database_url=sqlite_url, master_key=encode_key(generate_key()), benchmark_unencrypted=True
+    )
+    with pytest.raises(MasterKeyError, match="bench"):
+        install_keyring(get_engine(sqlite_url), settings)
