@@ -25,6 +25,7 @@ import pytest
 from tasks.data import sample_dataset_path
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.helpers import (
+    RedisServer,
     Service,
     create_database,
     drop_database,
@@ -138,8 +139,14 @@ def classify(c: httpx.Client, model: str, text: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def deployment(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     tmp = tmp_path_factory.mktemp("encryption")
+    # A Redis server of its own: the session's shared service has a worker consuming the same
+    # queues on the shared one, which would take (and drop) this deployment's messages; and
+    # MONITOR then sees this deployment only.
+    server = RedisServer(tmp)
+    server.start()
+    redis_url = server.url
     db_url = create_database(POSTGRES_ADMIN_URL)
     env = service_env(db_url, redis_url, tmp)
     monitor = RedisMonitor(redis_url, tmp / "monitor.txt")
@@ -193,6 +200,7 @@ def deployment(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             monitor.stop()
         dep.stop()
         drop_database(POSTGRES_ADMIN_URL, db_url)
+        server.stop()
 
 
 def test_the_canary_is_nowhere_at_rest_nor_in_redis_but_every_read_gives_it(deployment: Deployment) -> None:
