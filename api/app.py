@@ -21,6 +21,7 @@ from api.ratelimit import RateLimiter
 from api.routes import datasets, health, jobs, keys, models
 from api.submitting import GroupCommit
 from db.keys import check_master_key
+from db.session import AsyncSessions
 from tensorq import __version__
 from tensorq.core.active_jobs import ActiveJobCounter
 from tensorq.core.broker import Publisher
@@ -44,10 +45,12 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
             log.warning("master key not checked against the database yet: %s", type(exc).__name__)
         publisher = Publisher(settings)
         app.state.publisher = publisher
+        db = AsyncSessions(settings.sqlalchemy_url)
+        app.state.db = db
         metrics = ApiMetrics(settings, publisher)
         app.state.metrics = metrics
         app.state.group_commit = GroupCommit(
-            settings, publisher, metrics, ActiveJobCounter(settings.redis_url)
+            settings, db, publisher, metrics, ActiveJobCounter(settings.redis_url)
         )
         app.state.presence = Presence(settings.redis_url, settings.worker_presence_cache_seconds)
         app.state.rate_limiter = RateLimiter(
@@ -77,12 +80,13 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
         finally:
             if loops:
                 loops.stop()
-            app.state.rate_limiter.close()
+            await app.state.rate_limiter.close()
             app.state.presence.close()
             await listener.stop()
             await key_cache.stop()
             app.state.active_counter.close()
             publisher.close()
+            await db.close()
 
     # /docs and /redoc with their Swagger UI and ReDoc assets served from the fastapi-offline
     # package: from a CDN, the pages were blank on an air-gapped cluster.

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Depends, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
 
-from api.deps import get_session
+from api.deps import get_db
 from api.keycache import KeyCache
 from api.schemas import ErrorOut
+from db.session import AsyncSessions
 from db.tenants import Principal, authenticate, hash_key, looks_like_key
 
 bearer = HTTPBearer(
@@ -28,7 +27,7 @@ UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
 async def current_principal(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
-    session: Session = Depends(get_session),
+    db: AsyncSessions = Depends(get_db),
 ) -> Principal:
     if credentials is None:
         raise HTTPException(
@@ -44,11 +43,11 @@ async def current_principal(
         principal = cache.get(digest)
         if principal is None:
             generation = cache.generation
-            principal = await run_in_threadpool(authenticate, session, key)
+            principal = await db.run(authenticate, key)
             if principal is not None:
                 cache.put(digest, principal, generation)
     else:
-        principal = await run_in_threadpool(authenticate, session, key)
+        principal = await db.run(authenticate, key)
     if principal is None:
         raise HTTPException(
             status_code=401, detail="unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"}

@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from db.session import get_sessionmaker
+from db.session import AsyncSessions, get_sessionmaker
 from tensorq.core.broker import Publisher
 from tensorq.core.events import EventListener
 from tensorq.core.settings import Settings
@@ -34,6 +34,12 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
             await run_in_threadpool(session.close)
         else:  # committed already (a submission, a job read): nothing to roll back, no I/O
             session.close()
+
+
+async def get_db(request: Request) -> AsyncSessions:
+    """The asynchronous database path (submissions, key lookups, waits), on the event loop."""
+    db: AsyncSessions = request.app.state.db
+    return db
 
 
 async def get_publisher(request: Request) -> Publisher:

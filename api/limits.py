@@ -17,6 +17,7 @@ from api.webhooks.policy import check_url
 from db.models import Dataset
 from db.queries import count_active_jobs
 from db.registry import RegistryError, get_dataset, resolve
+from db.session import AsyncSessions
 from db.tenants import Principal
 from tasks import minilm
 from tasks.registry import get_kind
@@ -25,7 +26,7 @@ from tensorq.core.presence import Presence
 from tensorq.core.settings import Settings
 
 
-def check_limits(
+def check_items(
     request: Request,
     session: Session,
     settings: Settings,
@@ -33,7 +34,9 @@ def check_limits(
     items: list[Any],
     loc: tuple[str, ...],
 ) -> None:
-    """`items` are validated job bodies; `loc` is where they sit in the request (body, or body.jobs)."""
+    """422 naming the field for a bad item. `items` are validated job bodies; `loc` is where
+    they sit in the request (body, or body.jobs). Reads the database only for items that name a
+    dataset or a registered model."""
     errors = (
         request_errors(settings, items, loc)
         + dataset_errors(session, principal.tenant, items, loc)
@@ -42,30 +45,30 @@ def check_limits(
     errors += device_errors(request.app.state.presence, items, loc)
     if errors:
         raise RequestValidationError(errors)
-    admit(request, session, settings, principal.tenant, len(items))
 
 
-def admit(request: Request, session: Session, settings: Settings, tenant: str, n: int) -> None:
-    """The tenant's active-job quota and submission rate, in one Redis round trip; a refusal by the
-    quota rests on a fresh COUNT from the database (tensorq.core.active_jobs)."""
+async def admit(request: Request, db: AsyncSessions, settings: Settings, tenant: str, n: int) -> None:
+    """The tenant's active-job quota and submission rate, in one Redis round trip (429 when
+    over); a refusal by the quota rests on a fresh COUNT from the database
+    (tensorq.core.active_jobs). Called after the items were checked: an admitted job is counted."""
     limiter: RateLimiter = request.app.state.rate_limiter
     quota = settings.tenant_max_active_jobs
-    verdict = limiter.admit(tenant, n, quota)
+    verdict = await limiter.admit(tenant, n, quota)
     if verdict.outcome == "seed":
-        limiter.set_active(tenant, count_active_jobs(session, tenant), only_if_missing=True)
-        verdict = limiter.admit(tenant, n, quota)
+        await limiter.set_active(tenant, await db.run(count_active_jobs, tenant), only_if_missing=True)
+        verdict = await limiter.admit(tenant, n, quota)
     if verdict.outcome == "quota":
-        active = count_active_jobs(session, tenant)
+        active = await db.run(count_active_jobs, tenant)
         if active + n > quota:
             raise over_quota(tenant, active, quota)
-        limiter.set_active(tenant, active, only_if_missing=False)  # it had drifted high
-        verdict = limiter.admit(tenant, n, quota)
+        await limiter.set_active(tenant, active, only_if_missing=False)  # it had drifted high
+        verdict = await limiter.admit(tenant, n, quota)
         if verdict.outcome == "quota":
             raise over_quota(tenant, int(verdict.value), quota)
     if verdict.outcome == "unavailable":
         # Redis away: the quota from the database's count (read at most every second), no rate.
         counts: ActiveJobCounts = request.app.state.active_jobs
-        active_now = counts.refusing(session, tenant, n, quota)
+        active_now = await db.run(counts.refusing, tenant, n, quota)
         if active_now is not None:
             raise over_quota(tenant, active_now, quota)
         return

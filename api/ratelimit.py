@@ -9,6 +9,7 @@ import math
 from typing import NamedTuple
 
 import redis
+import redis.asyncio as aioredis
 
 from tensorq.core.active_jobs import active_key
 
@@ -52,18 +53,19 @@ class RateLimiter:
     def __init__(self, redis_url: str, *, rate: float, burst: int) -> None:
         self.rate = rate
         self.burst = burst
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        # Asynchronous: admission is awaited on the event loop, with no thread hop.
+        self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.script = self.redis.register_script(_ADMIT)
         # Tenants admitted while Redis was unreachable: their counts missed those jobs, so they
         # are dropped (and read from the database again) once Redis answers.
         self._stale: set[str] = set()
 
-    def admit(self, tenant: str, cost: int, quota: int) -> Verdict:
+    async def admit(self, tenant: str, cost: int, quota: int) -> Verdict:
         try:
             if self._stale:
                 stale, self._stale = self._stale, set()
-                self.redis.delete(*(active_key(t) for t in stale))
-            outcome, value = self.script(
+                await self.redis.delete(*(active_key(t) for t in stale))
+            outcome, value = await self.script(
                 keys=[f"tensorq:rate:{tenant}", active_key(tenant)],
                 args=[1.0 / self.rate, self.burst, cost, quota],
             )
@@ -76,13 +78,13 @@ class RateLimiter:
             return Verdict("rate", math.inf)
         return Verdict(outcome, float(value))
 
-    def set_active(self, tenant: str, active: int, *, only_if_missing: bool) -> None:
+    async def set_active(self, tenant: str, active: int, *, only_if_missing: bool) -> None:
         """The tenant's active count as the database has it: a missing count (`only_if_missing`:
         another API process may have seeded it meanwhile), or one that drifted high."""
         try:
-            self.redis.set(active_key(tenant), active, nx=only_if_missing)
+            await self.redis.set(active_key(tenant), active, nx=only_if_missing)
         except redis.RedisError as exc:
             log.warning("active-job count not stored (Redis unreachable): %s", exc)
 
-    def close(self) -> None:
-        self.redis.close()
+    async def close(self) -> None:
+        await self.redis.aclose()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter
 
 from fastapi import HTTPException
@@ -23,7 +24,7 @@ from api.metrics import ApiMetrics
 from db.batching import BatchKey, key_of
 from db.jobs import insert_jobs, mark_unpublished
 from db.models import Job
-from db.session import get_sessionmaker
+from db.session import AsyncSessions
 from tasks.registry import get_kind
 from tensorq.core.active_jobs import ActiveJobCounter
 from tensorq.core.broker import Publisher
@@ -71,23 +72,43 @@ def publish_after_commit(session: Session, publisher: Publisher, jobs: list[Job]
     try:
         publisher.publish_groups(message_groups(jobs, max_texts))
     except Exception as exc:
-        log.warning(
-            "publish failed for %d job(s), left for the sweeper: %s",
-            len(jobs),
-            exc,
-            extra={"job_id": str(jobs[0].id)},
-        )
+        log_unpublished(jobs, exc)
         mark_unpublished(session, [job.id for job in jobs])
         session.commit()
+
+
+def log_unpublished(jobs: list[Job], exc: Exception) -> None:
+    log.warning(
+        "publish failed for %d job(s), left for the sweeper: %s",
+        len(jobs),
+        exc,
+        extra={"job_id": str(jobs[0].id)},
+    )
+
+
+def _insert_committed(session: Session, jobs: list[Job]) -> None:
+    insert_jobs(session, jobs)
+    session.commit()
+
+
+def _unpublished_committed(session: Session, job_ids: list[uuid.UUID]) -> None:
+    mark_unpublished(session, job_ids)
+    session.commit()
 
 
 class GroupCommit:
     """One per API process (app.state.group_commit). `sizes` observes the jobs of each commit."""
 
     def __init__(
-        self, settings: Settings, publisher: Publisher, metrics: ApiMetrics, active_jobs: ActiveJobCounter
+        self,
+        settings: Settings,
+        db: AsyncSessions,
+        publisher: Publisher,
+        metrics: ApiMetrics,
+        active_jobs: ActiveJobCounter,
     ) -> None:
         self.settings = settings
+        self.db = db
         self.active_jobs = active_jobs
         self.publisher = publisher
         self.metrics = metrics
@@ -126,7 +147,7 @@ class GroupCommit:
                 self.waiting.set(0)
                 jobs = [job for jobs, _ in group for job in jobs]
                 try:
-                    await run_in_threadpool(self._store, jobs)
+                    await self._store(jobs)
                 except Exception as exc:
                     log.warning("group commit of %d job(s) failed; none stored: %s", len(jobs), exc)
                     # Admitted (counted as active) but not stored.
@@ -141,16 +162,20 @@ class GroupCommit:
         finally:
             self._committing = False
 
-    def _store(self, jobs: list[Job]) -> None:
+    async def _store(self, jobs: list[Job]) -> None:
+        """One INSERT and its commit on the event loop (the async driver), then the messages.
+        Celery's producer is synchronous: publishing is the one thread hop, once per group."""
         s = self.settings
-        with get_sessionmaker(s.sqlalchemy_url)() as session:
+        await self.db.run(_insert_committed, jobs)
+        self.sizes.observe(len(jobs))
+        messages = message_groups(jobs, s.batch_max_texts if s.batching else 1)
+        try:
+            await run_in_threadpool(self.publisher.publish_groups, messages)
+        except Exception as exc:
+            log_unpublished(jobs, exc)
             try:
-                insert_jobs(session, jobs)
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
-            self.sizes.observe(len(jobs))
-            publish_after_commit(session, self.publisher, jobs, s.batch_max_texts if s.batching else 1)
+                await self.db.run(_unpublished_committed, [job.id for job in jobs])
+            except Exception as mark_exc:  # stored all the same: the sweeper's republishing finds them
+                log.warning("jobs not marked unpublished: %s", mark_exc, extra={"job_id": str(jobs[0].id)})
         for kind, n in Counter(job.kind for job in jobs).items():
             self.metrics.submitted.labels(kind).inc(n)

@@ -38,6 +38,7 @@ import redis
 
 from bench.harness import Service, create_database, drop_database, service_env, start_service
 from tasks import minilm
+from tensorq.core.events import channel
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = [
@@ -452,10 +453,37 @@ def drain(svc: Service, pg_url: str, timeout: float = 600) -> None:
     raise TimeoutError("jobs did not drain")
 
 
-def lone_jobs(client: httpx.Client, n: int, prefer_wait: bool, idle_s: float = 0.0) -> dict[str, list[float]]:
+class FinalEvents:
+    """When each job's final event reached a subscriber of the deployment's events channel (as it
+    reaches the API's listener): splits a lone job's answer into the worker's part (final UPDATE,
+    commit, publish) and the API's (event to the client's bytes)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.seen: dict[str, float] = {}
+        self._pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(**{channel(redis_url): self._on_message})
+        self._thread = self._pubsub.run_in_thread(sleep_time=0.5, daemon=True)  # a wait, not a poll
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        at = time.time()
+        event = json.loads(message["data"])
+        if event.get("final"):
+            for job_id in event["ids"]:
+                self.seen.setdefault(job_id, at)
+
+    def close(self) -> None:
+        self._thread.stop()
+        self._thread.join(timeout=2)  # it closes the subscription as it ends
+
+
+def lone_jobs(
+    client: httpx.Client, n: int, prefer_wait: bool, idle_s: float = 0.0, events: FinalEvents | None = None
+) -> dict[str, list[float]]:
     """n lone one-sentence jobs, submit -> result readable: one POST with `Prefer: wait`, or a POST
     followed by a long-poll GET; each `idle_s` after the previous answer (0: back to back)."""
-    samples: dict[str, list[float]] = {k: [] for k in ("total", "run_ms", "submit", "queue", "run", "answer")}
+    samples: dict[str, list[float]] = {
+        k: [] for k in ("total", "run_ms", "submit", "queue", "run", "answer", "publish", "reply")
+    }
     body = {"kind": "embed", "input": {"texts": [LONE_TEXT]}}
     for _ in range(n):
         time.sleep(idle_s)
@@ -479,6 +507,10 @@ def lone_jobs(client: httpx.Client, n: int, prefer_wait: bool, idle_s: float = 0
             ("answer", answered - finished),
         ):
             samples[stage].append(ms * 1000)
+        seen = events.seen.pop(job["id"], None) if events is not None else None
+        if seen is not None:
+            samples["publish"].append((seen - finished) * 1000)
+            samples["reply"].append((answered - seen) * 1000)
     return samples
 
 
@@ -491,6 +523,8 @@ def summary(samples: dict[str, list[float]]) -> dict[str, Any]:
         "n": len(times),
         "worker_run_ms_p50": pct(samples["run_ms"], 50),
         "stages_ms_p50": {k: pct(samples[k], 50) for k in ("submit", "queue", "run", "answer")},
+        # The answer's two parts: final UPDATE -> its event heard; event -> the client's bytes.
+        "answer_ms_p50": {k: pct(samples[k], 50) for k in ("publish", "reply") if samples[k]},
     }
 
 
@@ -508,6 +542,7 @@ def interleaved_latency(
     model: list[float] = []
     waits: dict[str, list[float]] = {}
     polls: dict[str, list[float]] = {}
+    events = FinalEvents(svc.env["TENSORQ_REDIS_URL"])
     with svc.client() as client:
         lone_jobs(client, 10, prefer_wait=True)  # warm-up
         for _ in range(rounds):
@@ -515,8 +550,9 @@ def interleaved_latency(
             model += lone_model_ms(encoder, 50 // rounds)
             time.sleep(0.05)  # the bench's own OpenMP threads stop spinning before the service runs
             for merged, prefer_wait in ((waits, True), (polls, False)):
-                for key, values in lone_jobs(client, n // rounds, prefer_wait).items():
+                for key, values in lone_jobs(client, n // rounds, prefer_wait, events=events).items():
                     merged.setdefault(key, []).extend(values)
+    events.close()
     return {
         "bare_celery": {"p50_ms": pct(celery, 50), "p99_ms": pct(celery, 99), "n": len(celery)},
         "lone_ms_p50": pct(model, 50),
@@ -578,6 +614,8 @@ def table(r: dict[str, Any]) -> str:
             ),
             ("Prefer: wait stages (p50 each)", stage_line(lat["stages_ms_p50"])),
         ]
+        if lat.get("answer_ms_p50"):
+            rows.append(("Prefer: wait answer, split (p50 each)", stage_line(lat["answer_ms_p50"])))
         rows.append(
             ("bare model, same input (between the lone jobs)", f"p50 {r['lone_model_ms_p50']:.1f} ms")
         )
@@ -652,6 +690,8 @@ def stage_line(stages: dict[str, float]) -> str:
         "queue": "created -> claimed (started_at)",
         "run": "claimed -> final state written",
         "answer": "written -> client has it",
+        "publish": "written -> its event heard (commit, publish, pub/sub)",
+        "reply": "event heard -> client has it (API, HTTP, client)",
     }
     return ", ".join(f"{names[k]} {v:.1f} ms" for k, v in stages.items())
 

@@ -194,7 +194,10 @@ _keyrings_lock = threading.Lock()
 
 
 def _url_of(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=False)
+    url = engine.url
+    if url.drivername == "sqlite+aiosqlite":  # the API's async engine (db.session): the same database
+        url = url.set(drivername="sqlite")
+    return url.render_as_string(hide_password=False)
 
 
 def install_keyring(engine: Engine, settings: Settings, *, record: bool = True) -> Keyring:
@@ -217,8 +220,15 @@ def install_keyring(engine: Engine, settings: Settings, *, record: bool = True) 
 
 
 def keyring_for(engine: Engine) -> Keyring:
-    found = _keyrings.get(_url_of(engine))
-    return found if found is not None else install_keyring(engine, get_settings(), record=False)
+    url = _url_of(engine)
+    found = _keyrings.get(url)
+    if found is not None:
+        return found
+    # An async engine's (the API's, db.session.AsyncSessions) keyring reads keys synchronously:
+    # they are also read outside any session (db.snapshots).
+    return install_keyring(
+        get_engine(url) if engine.dialect.is_async else engine, get_settings(), record=False
+    )
 
 
 def check_master_key(settings: Settings) -> Keyring:

@@ -10,7 +10,7 @@ from typing import Any
 from db.batching import key_of
 from db.jobs import Claimant, Fill, claim_jobs
 from db.models import Job
-from db.session import session_scope
+from db.session import one_statement
 from tasks.registry import JobKind
 from tensorq.core.settings import Settings
 from worker.retry import is_transient, with_retries
@@ -33,7 +33,7 @@ class Claimer:
         fill = Fill(self.settings.batch_max_texts, same_tenant=kind.reads_tenant_data) if batches else None
 
         def claim() -> list[Job]:
-            with session_scope(self.database_url) as session:
+            with one_statement(self.database_url) as session:  # one UPDATE ... RETURNING
                 return claim_jobs(session, named, self.claimant(worker_name), fill)
 
         return with_retries(claim, what=f"claim job {named[0]}")
@@ -53,7 +53,7 @@ class Claimer:
         fill = Fill(s.batch_max_texts - texts, like=key_of(first, kind.reads_tenant_data))
 
         def claim() -> list[Job]:
-            with session_scope(self.database_url) as session:
+            with one_statement(self.database_url) as session:  # one UPDATE ... RETURNING
                 return claim_jobs(session, [], self.claimant(worker_name), fill)
 
         try:

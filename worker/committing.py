@@ -18,7 +18,7 @@ from db.jobs import Outcome, finish_job, finish_jobs, no_attempts_left, release_
 from db.models import TEXT_CLASSIFIER, Job, JobStatus, utcnow
 from db.queries import get_job
 from db.rollouts import check_guard
-from db.session import session_scope
+from db.session import one_statement, session_scope
 from db.snapshots import job_snapshot
 from tasks.registry import JobKind
 from tensorq.core.artifacts import ArtifactStore
@@ -63,6 +63,16 @@ class Committer:
     ) -> tuple[list[Outcome], set[uuid.UUID], list[dict[str, Any]]]:
         """Final states (and model versions) in one transaction: the outcomes as written, their ids,
         and a lone job's row as committed (a snapshot for its finished event; none for a batch)."""
+        plain = not kind.registers_model and not kind.records_evaluation
+        if plain and outcomes and all(o.status != JobStatus.QUEUED for o in outcomes):
+            # An inference batch or a lone job: the finish is one UPDATE, sent as one round trip.
+            with one_statement(self.database_url) as session:
+                if len(outcomes) > 1:
+                    return outcomes, finish_jobs(session, outcomes), []
+                row = finish_job(session, outcomes[0])
+            if row is None:  # no longer held: its claim was lost
+                return outcomes, set(), []
+            return outcomes, {outcomes[0].job_id}, [job_snapshot(row)]
         with session_scope(self.database_url) as session:
             requeued: list[uuid.UUID] = []
             gave_up: list[Outcome] = []  # released, but out of attempts: failed, final like the rest

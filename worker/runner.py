@@ -98,10 +98,14 @@ class Runner:
             outcomes, written, rows = with_retries(
                 lambda: self.committer.commit(kind, outcomes, tenants), what=f"finish job {jid}"
             )
-            self.active_jobs.finished(tenants[job_id] for job_id in written)  # final: no longer active
             self.committer.clean_work_dirs([o for o in outcomes if o.job_id in written])
             self.events.changed(
-                written, finished=finished_info(jobs, outcomes, written), final=True, rows=rows
+                written,
+                finished=finished_info(jobs, outcomes, written),
+                final=True,
+                rows=rows,
+                # Final: no longer active. Taken off in the event's round trip, and before it.
+                along=lambda pipe: self.active_jobs.finished((tenants[job_id] for job_id in written), pipe),
             )
             for o in outcomes:
                 if o.job_id in written:

@@ -39,7 +39,8 @@ from sqlalchemy.orm import Session
 from api.files import tenant_files
 from api.openai.embeddings import check_request, embeddings_body, parse_request, unix
 from api.openai.errors import OpenAIError
-from api.routes.jobs import publish_after_commit, store_job
+from api.routes.jobs import store_job
+from api.submitting import publish_after_commit
 from db.models import Job, JobStatus, OpenAIBatch, OpenAIBatchRequest, OpenAIFile, utcnow
 from db.openai_batches import (
     BatchStatus,

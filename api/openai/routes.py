@@ -16,9 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from api.auth import current_principal
-from api.deps import get_events, get_publisher, get_session, get_settings
+from api.deps import get_db, get_events, get_session, get_settings
 from api.files import Download, tenant_files
-from api.limits import check_limits
+from api.limits import admit, check_items
 from api.openai.batches import (
     COMPLETION_WINDOW,
     ENDPOINT,
@@ -32,6 +32,7 @@ from api.openai.batches import (
 )
 from api.openai.embeddings import (
     EmbeddingModel,
+    EmbeddingsCall,
     EmbeddingsRequest,
     check_request,
     embedding_models,
@@ -54,8 +55,8 @@ from db.jobs import cancel_job
 from db.models import Job, JobStatus
 from db.openai_batches import get_batch, get_file, list_batches, new_batch_id
 from db.queries import fetch_job
+from db.session import AsyncSessions
 from db.tenants import Principal
-from tensorq.core.broker import Publisher
 from tensorq.core.events import EventListener
 from tensorq.core.settings import Settings
 
@@ -98,45 +99,46 @@ def model_object(model: EmbeddingModel) -> dict[str, Any]:
 async def create_embeddings(
     request: Request,
     body: EmbeddingsRequest,
-    session: Session = Depends(get_session),
-    publisher: Publisher = Depends(get_publisher),
+    db: AsyncSessions = Depends(get_db),
     settings: Settings = Depends(get_settings),
     principal: Principal = Depends(current_principal),
     events: EventListener = Depends(get_events),
 ) -> Response:
     """One embed job (listed in /v1/jobs, batched with concurrent ones by the worker), answered
     when it is final, as POST /v1/jobs with `Prefer: wait` would."""
-    call = await run_in_threadpool(check_request, session, settings, principal.tenant, body)
     job_id = uuid.uuid4()
-    spec = JobSpec(call.model.kind, call.params)
 
-    def prepare() -> Job:
-        check_limits(request, session, settings, principal, [spec], ("body",))
-        job = build_job(session, spec, settings, principal, job_id)
-        session.close()  # the reads' transaction, if any: the job is stored by the group commit
-        return job
+    def prepare(session: Session) -> tuple[EmbeddingsCall, Job]:
+        call = check_request(session, settings, principal.tenant, body)
+        spec = JobSpec(call.model.kind, call.params)
+        check_items(request, session, settings, principal, [spec], ("body",))
+        return call, build_job(session, spec, settings, principal, job_id)
+
+    call: EmbeddingsCall | None = None
 
     async def submit() -> Job:
-        job = await run_in_threadpool(prepare)
+        nonlocal call
+        call, job = await db.run(prepare)
+        await admit(request, db, settings, principal.tenant, 1)
         await group_commit(request).commit([job])
         return job
 
-    def load() -> Job | None:
-        return fetch_job(session, job_id, principal.tenant)
+    async def load() -> Job | None:
+        return await db.run(fetch_job, job_id, principal.tenant)
 
-    job = await follow_job(events, session, job_id, submit, load, MAX_WAIT_S, until="finished")
-    assert job is not None  # our own job, just committed
+    job = await follow_job(events, db, job_id, submit, load, MAX_WAIT_S, until="finished")
+    assert job is not None and call is not None  # our own job, just committed
     if job.status == JobStatus.SUCCEEDED and job.result is not None:
         return json_response(embeddings_body(job.result, call.options))
     if not job.status.terminal:
 
-        def give_up() -> None:
+        def give_up(session: Session) -> None:
             _, cancelled = cancel_job(session, job_id, principal.tenant)
             session.commit()
             if cancelled:
                 request.app.state.active_counter.finished([principal.tenant])
 
-        await run_in_threadpool(give_up)
+        await db.run(give_up)
         raise OpenAIError(
             503, f"No worker finished the request within {MAX_WAIT_S:g} s; try again.", type="server_error"
         )

@@ -7,19 +7,17 @@ import json
 import logging
 import threading
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.auth import UNAUTHORIZED, current_principal
-from api.deps import get_events, get_publisher, get_session, get_settings
-from api.limits import check_limits
+from api.deps import get_db, get_events, get_session, get_settings
+from api.limits import admit, check_items
 from api.responses import model_response
 from api.schemas import (
     LISTED_PAYLOADS,
@@ -31,17 +29,17 @@ from api.schemas import (
     JobOut,
     JobSummary,
 )
-from api.submitting import GroupCommit, publish_after_commit
+from api.submitting import GroupCommit
 from api.submitting import message_groups as message_groups  # re-exported (tests, older imports)
 from db.jobs import cancel_job, new_job
 from db.models import Job, JobStatus
 from db.queries import encode_cursor, fetch_job, get_job, job_payloads, list_jobs
 from db.rollouts import assign
-from db.session import get_sessionmaker
+from db.session import AsyncSessions
 from db.snapshots import job_from_snapshot
 from db.tenants import Principal
 from tasks.registry import get_kind
-from tensorq.core.broker import Publisher, queue_for
+from tensorq.core.broker import queue_for
 from tensorq.core.events import EventListener
 from tensorq.core.settings import Settings
 
@@ -74,15 +72,6 @@ LIST_PAYLOAD_READERS = 2
 _payload_readers = threading.BoundedSemaphore(LIST_PAYLOAD_READERS)
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "No such job"}}
-
-
-def accept(request: Request, session: Session, publisher: Publisher, jobs: list[Job]) -> None:
-    """Commit the stored jobs, then publish them, then count them."""
-    session.commit()
-    settings: Settings = request.app.state.settings
-    publish_after_commit(session, publisher, jobs, settings.batch_max_texts if settings.batching else 1)
-    for kind, n in Counter(job.kind for job in jobs).items():
-        request.app.state.metrics.submitted.labels(kind).inc(n)
 
 
 PREFER_HELP = (
@@ -134,8 +123,7 @@ async def submit_job(
     request: Request,
     body: JobCreate,
     prefer: str | None = Header(default=None, description=PREFER_HELP),
-    session: Session = Depends(get_session),
-    publisher: Publisher = Depends(get_publisher),
+    db: AsyncSessions = Depends(get_db),
     settings: Settings = Depends(get_settings),
     principal: Principal = Depends(current_principal),
     events: EventListener = Depends(get_events),
@@ -143,14 +131,13 @@ async def submit_job(
     wait = preferred_wait(prefer)
     job_id = uuid.uuid4()
 
-    def prepare() -> Job:
-        check_limits(request, session, settings, principal, [body], ("body",))
-        job = build_job(session, body, settings, principal, job_id)
-        session.close()  # the reads' transaction, if any: the job is stored by the group commit
-        return job
+    def prepare(session: Session) -> Job:
+        check_items(request, session, settings, principal, [body], ("body",))
+        return build_job(session, body, settings, principal, job_id)
 
     async def submit() -> Job:
-        job = await run_in_threadpool(prepare)
+        job = await db.run(prepare)
+        await admit(request, db, settings, principal.tenant, 1)
         await group_commit(request).commit([job])
         return job
 
@@ -159,11 +146,11 @@ async def submit_job(
         job = await submit()
         return model_response(JobOut.from_row(job), 202, headers)
 
-    def load() -> Job | None:
-        return fetch_job(session, job_id, principal.tenant)
+    async def load() -> Job | None:
+        return await db.run(fetch_job, job_id, principal.tenant)
 
     # Submitted inside the watch, so not even a job finished at once can slip past it.
-    found = await follow_job(events, session, job_id, submit, load, wait, until="finished")
+    found = await follow_job(events, db, job_id, submit, load, wait, until="finished")
     assert found is not None  # our own job, just committed
     headers["Preference-Applied"] = f"wait={wait:g}"
     return model_response(JobOut.from_row(found), 201 if found.status.terminal else 202, headers)
@@ -219,17 +206,21 @@ def build_job(
     },
     summary="Submit many jobs in one request, stored in one transaction",
 )
-def submit_jobs(
+async def submit_jobs(
     request: Request,
     body: JobBatchCreate,
-    session: Session = Depends(get_session),
-    publisher: Publisher = Depends(get_publisher),
+    db: AsyncSessions = Depends(get_db),
     settings: Settings = Depends(get_settings),
     principal: Principal = Depends(current_principal),
 ) -> Response:
-    check_limits(request, session, settings, principal, body.jobs, ("body", "jobs"))
-    jobs = [store_job(session, item, settings, principal) for item in body.jobs]
-    accept(request, session, publisher, jobs)
+    def prepare(session: Session) -> list[Job]:
+        check_items(request, session, settings, principal, body.jobs, ("body", "jobs"))
+        return [build_job(session, item, settings, principal) for item in body.jobs]
+
+    jobs = await db.run(prepare)
+    await admit(request, db, settings, principal.tenant, len(jobs))
+    # Stored in one transaction, with whatever POST /v1/jobs requests are waiting to be.
+    await group_commit(request).commit(jobs)
     return model_response(JobBatchOut(ids=[job.id for job in jobs]), 202)
 
 
@@ -241,17 +232,14 @@ async def read_job(
         default="change",
         description="With `wait`: answer on any change of state or progress, or only when finished",
     ),
-    session: Session = Depends(get_session),
+    db: AsyncSessions = Depends(get_db),
     events: EventListener = Depends(get_events),
     principal: Principal = Depends(current_principal),
 ) -> Response:
-    def load() -> Job | None:
-        return fetch_job(session, job_id, principal.tenant)
+    async def load() -> Job | None:
+        return await db.run(fetch_job, job_id, principal.tenant)
 
-    async def first() -> Job | None:
-        return await run_in_threadpool(load)
-
-    job = await follow_job(events, session, job_id, first, load, wait, until)
+    job = await follow_job(events, db, job_id, load, load, wait, until)
     if job is None:
         raise HTTPException(status_code=404, detail="job not found")
     return model_response(JobOut.from_row(job))
@@ -259,10 +247,10 @@ async def read_job(
 
 async def follow_job(
     events: EventListener,
-    session: Session,
+    db: AsyncSessions,
     job_id: uuid.UUID,
     first: Callable[[], Awaitable[Job | None]],
-    load: Callable[[], Job | None],
+    load: Callable[[], Awaitable[Job | None]],
     wait: float,
     until: Literal["change", "finished"],
 ) -> Job | None:
@@ -284,17 +272,17 @@ async def follow_job(
                 await asyncio.wait_for(changed.wait(), remaining)
             row = changed.row
             changed.clear()
-            job = job_from_event(row, session) or await run_in_threadpool(load)
+            job = job_from_event(row, db) or await load()
     return job
 
 
-def job_from_event(row: dict[str, Any] | None, session: Session) -> Job | None:
+def job_from_event(row: dict[str, Any] | None, db: AsyncSessions) -> Job | None:
     """The committed row a finished event carried (see db.snapshots), or None: then the caller
     reads the job (no row sent, or one this version cannot read, as in a rolling upgrade)."""
     if row is None:
         return None
     try:
-        return job_from_snapshot(row, session.get_bind().engine)
+        return job_from_snapshot(row, db.engine.sync_engine)
     except (KeyError, ValueError, TypeError, AttributeError):
         log.warning("job event row unreadable; reading the job instead", exc_info=True)
         return None
@@ -318,19 +306,13 @@ async def job_events(
     job_id: uuid.UUID,
     events: EventListener = Depends(get_events),
     principal: Principal = Depends(current_principal),
-    session: Session = Depends(get_session),
+    db: AsyncSessions = Depends(get_db),
 ) -> StreamingResponse:
-    # The API-key lookup left the request's session in a transaction, which FastAPI would end
-    # only after the stream: each watcher would pin a pooled connection for a whole job.
-    await run_in_threadpool(session.close)
-    # Its own short sessions, one per read.
-    sessions = get_sessionmaker(request.app.state.settings.sqlalchemy_url)
+    # A short session per read: a watcher pins no pooled connection for a whole job.
+    async def load() -> Job | None:
+        return await db.run(get_job, job_id, principal.tenant)
 
-    def load() -> Job | None:
-        with sessions() as session:
-            return get_job(session, job_id, principal.tenant)
-
-    if await run_in_threadpool(load) is None:
+    if await load() is None:
         raise HTTPException(status_code=404, detail="job not found")
 
     async def stream() -> AsyncIterator[str]:
@@ -338,7 +320,7 @@ async def job_events(
             last: tuple[Any, ...] | None = None
             number = 0
             while True:
-                job = await run_in_threadpool(load)
+                job = await load()
                 if job is None:
                     return
                 if (job.status, job.updated_at) != last:

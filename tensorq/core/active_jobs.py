@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import redis
+from redis.client import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,26 @@ class ActiveJobCounter:
         self.client = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
         self.script = self.client.register_script(_ADJUST)
 
-    def adjust(self, deltas: Mapping[str, int]) -> None:
+    def adjust(self, deltas: Mapping[str, int], pipe: Pipeline | None = None) -> None:
+        """With `pipe`, the adjustment is queued on it (sent with whatever else it carries; the
+        caller handles its errors)."""
         changes = [(tenant, n) for tenant, n in deltas.items() if n]
         if not changes:
             return
+        keys, args = [active_key(t) for t, _ in changes], [n for _, n in changes]
+        if pipe is not None:
+            # EVAL, not the registered script: a pipeline with scripts first asks SCRIPT EXISTS,
+            # a round trip of its own, on every execute.
+            pipe.eval(_ADJUST, len(keys), *keys, *args)
+            return
         try:
-            self.script(keys=[active_key(t) for t, _ in changes], args=[n for _, n in changes])
+            self.script(keys=keys, args=args)
         except redis.RedisError as exc:
             log.debug("active-job counts not adjusted: %s", exc)
 
-    def finished(self, tenants: Iterable[str]) -> None:
+    def finished(self, tenants: Iterable[str], pipe: Pipeline | None = None) -> None:
         """One tenant name per job that left the active set (a committed final state)."""
-        self.adjust({tenant: -n for tenant, n in Counter(tenants).items()})
+        self.adjust({tenant: -n for tenant, n in Counter(tenants).items()}, pipe)
 
     def added(self, tenant: str, n: int) -> None:
         """Jobs stored without the API's admission script (OpenAI batch lines)."""

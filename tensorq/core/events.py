@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import redis
 import redis.asyncio as aioredis
+from redis.client import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,14 @@ class EventPublisher:
         running: bool = False,
         final: bool = False,
         rows: Iterable[dict[str, Any]] = (),
+        along: Callable[[Pipeline], None] | None = None,
     ) -> None:
         """`finished` carries {kind, status, queue_s, run_s} per finished job, for the API's metrics;
         `running` says the jobs are running (claimed, or progress): no news for a wait on the end;
         `final` says every one of them is in a final state, committed (see worker/finished.py);
-        `rows` are committed rows of some of them (db.snapshots), handed to their waiters."""
+        `rows` are committed rows of some of them (db.snapshots), handed to their waiters;
+        `along` queues commands that go in the same round trip, before the event (the active-job
+        counts a final state takes off, so a client answered by the event sees them taken)."""
         ids = [str(i) for i in job_ids]
         if not ids:
             return
@@ -68,7 +72,13 @@ class EventPublisher:
             message["rows"] = {}  # their waiters read the rows from the database instead
             payload = orjson.dumps(message)
         try:
-            self.client.publish(self.channel, payload)
+            if along is None:
+                self.client.publish(self.channel, payload)
+                return
+            pipe = self.client.pipeline(transaction=False)
+            along(pipe)
+            pipe.publish(self.channel, payload)
+            pipe.execute()
         except redis.RedisError as exc:
             log.debug("job event not published: %s", exc)
 

@@ -15,6 +15,7 @@ import redis
 
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.helpers import (
+    RedisServer,
     Service,
     create_database,
     drop_database,
@@ -30,13 +31,19 @@ QUOTA = 3
 
 
 @pytest.fixture(scope="module")
-def quota_service(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def quota_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     tmp: Path = tmp_path_factory.mktemp("quota")
+    # A Redis server of its own: the session's shared service has a worker consuming the same
+    # queues on the shared one, which took (and dropped, its database lacking the job) this
+    # deployment's messages now and then, and a `Prefer: wait` then ran out.
+    server = RedisServer(tmp)
+    server.start()
     pg_url = create_database(POSTGRES_ADMIN_URL)
-    svc = start_service(service_env(pg_url, redis_url, tmp, TENSORQ_TENANT_MAX_ACTIVE_JOBS=str(QUOTA)), tmp)
+    svc = start_service(service_env(pg_url, server.url, tmp, TENSORQ_TENANT_MAX_ACTIVE_JOBS=str(QUOTA)), tmp)
     yield svc
     svc.api.stop()
     svc.worker.stop()
+    server.stop()
     drop_database(POSTGRES_ADMIN_URL, pg_url)
 
 

@@ -8,18 +8,24 @@ row, which once let a batch top-up for 11 jobs claim all 483 queued ones.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from db.batching import BatchKey
 from db.jobs import Claimant, Fill, Outcome, claim_jobs, create_job, finish_jobs
 from db.models import Job, JobStatus
-from db.session import session_scope
+from db.session import get_engine, session_scope
 from db.webhooks import claim_due_webhooks
+from tasks.registry import get_kind
+from tensorq.core.artifacts import ArtifactStore
 from tensorq.core.settings import Settings
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.helpers import create_database, drop_database
+from worker.claiming import Claimer
+from worker.committing import Committer
 
 pytestmark = pytest.mark.integration
 
@@ -127,3 +133,52 @@ def test_a_result_with_nan_and_integer_keys_is_stored_as_valid_json(fresh_url: s
         stored = session.get(Job, job_id)
         assert stored is not None and stored.status == JobStatus.SUCCEEDED
         assert stored.result == {"loss": None, "labels": {"0": "neg", "1": "pos"}}
+
+
+def test_a_claim_and_a_finish_each_reach_postgresql_as_one_round_trip(fresh_url: str, tmp_path: Path) -> None:
+    """The worker's claim and an inference job's finish are one statement each, sent in
+    autocommit: one round trip apiece (a transaction around them added BEGIN and COMMIT, two more)."""
+    warm_id, job_id = queue_jobs(fresh_url, 2)
+    settings = Settings(database_url=fresh_url)
+    kind = get_kind("embed")
+    committer = Committer(fresh_url, ArtifactStore(tmp_path / "artifacts"), None)
+
+    trace = (tmp_path / "trace").open("w+")
+    traced: list[Any] = []
+
+    def start_trace(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        dbapi_conn.pgconn.trace(trace.fileno())
+        traced.append(dbapi_conn.pgconn)
+
+    def round_trips() -> list[str]:
+        """What the client sent since the last call: each simple Query (by its text), and each
+        Sync that ends a statement's extended-protocol messages."""
+        while traced:
+            traced.pop().untrace()  # libpq's trace is buffered until then
+        trace.seek(0)
+        sent = [line.split("\t") for line in trace.read().splitlines()]
+        trace.seek(0)
+        trace.truncate()
+        return [f[3] + (" " + f[4].strip() if f[3] == "Query" else "")
+                for f in sent if len(f) > 3 and f[1] == "F" and f[3] in ("Query", "Sync")]  # fmt: skip
+
+    def claim_and_finish(job_id: Any) -> tuple[list[str], list[str]]:
+        (job,) = Claimer(settings).claim(kind, [job_id], "w", batches=False)
+        assert job.status == JobStatus.RUNNING and job.params["texts"]
+        claimed = round_trips()
+        outcome = Outcome(job.id, job.claim_token, JobStatus.SUCCEEDED, result={"ok": 1}, tenant="t")
+        _, written, rows = committer.commit(kind, [outcome], {job.id: "t"})
+        assert written == {job.id} and rows[0]["status"] == "succeeded"
+        return claimed, round_trips()
+
+    engine = get_engine(fresh_url)
+    event.listen(engine, "checkout", start_trace)
+    try:
+        claim_and_finish(warm_id)  # the tenant's data key is read, and cached, on the way
+        assert claim_and_finish(job_id) == (["Sync"], ["Sync"])
+    finally:
+        event.remove(engine, "checkout", start_trace)
+        trace.close()
+    with session_scope(fresh_url) as session:
+        stored = session.get(Job, job_id)
+        assert stored is not None and stored.status == JobStatus.SUCCEEDED and stored.result == {"ok": 1}

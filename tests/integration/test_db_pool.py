@@ -23,7 +23,9 @@ def test_a_connection_killed_while_idle_is_replaced_not_handed_out(pg_url: str) 
         with engine.connect() as conn:  # pooled: the same server process
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() == first_pid
         with psycopg.connect(pg_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (first_pid,))
+            # With a timeout it returns once the backend has gone (its goodbye sent): without one
+            # it returned at the signal, and the check at checkout could come first.
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", (first_pid,))
         with engine.connect() as conn:  # would raise if the dead connection were handed out
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != first_pid
     finally:
