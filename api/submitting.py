@@ -86,7 +86,7 @@ def log_unpublished(jobs: list[Job], exc: Exception) -> None:
     )
 
 
-def _insert_committed(session: Session, jobs: list[Job]) -> None:
+def insert_committed(session: Session, jobs: list[Job]) -> None:
     insert_jobs(session, jobs)
     session.commit()
 
@@ -166,7 +166,11 @@ class GroupCommit:
         """One INSERT and its commit on the event loop (the async driver), then the messages.
         Celery's producer is synchronous: publishing is the one thread hop, once per group."""
         s = self.settings
-        await self.db.run(_insert_committed, jobs)
+        if len(jobs) <= self.db.rows_per_insert:
+            # One statement, atomic by itself: sent in autocommit, one round trip, not three.
+            await self.db.run_one_statement(insert_committed, jobs)
+        else:  # several INSERT statements: one transaction around them
+            await self.db.run(insert_committed, jobs)
         self.sizes.observe(len(jobs))
         messages = message_groups(jobs, s.batch_max_texts if s.batching else 1)
         try:

@@ -119,6 +119,10 @@ class Keyring:
         cached = self._active.get(tenant)
         if cached is not None and cached[1] > now:
             return cached[0]
+        if conn is not None and conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            # A one-statement session (db.session.one_statement): no transaction to create the
+            # key in (nor a savepoint for the race with another process), so one of its own.
+            conn = None
         if conn is None:
             with self.engine.connect() as own:
                 key, created = self._active_in(own, tenant)

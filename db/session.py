@@ -130,10 +130,27 @@ class AsyncSessions:
     def __init__(self, url: str) -> None:
         self.engine = make_async_engine(url)
         self._sessions = async_sessionmaker(self.engine, class_=AsyncSession, expire_on_commit=False)
+        # As `one_statement`: autocommit on PostgreSQL, the same pool.
+        single = self.engine
+        if self.engine.dialect.name == "postgresql":
+            single = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._one_statement = async_sessionmaker(single, class_=AsyncSession, expire_on_commit=False)
 
     async def run(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         async with self._sessions() as session:
             return await session.run_sync(fn, *args, **kwargs)
+
+    async def run_one_statement(
+        self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """`run` for a `fn` whose writes are one statement: one round trip (see `one_statement`)."""
+        async with self._one_statement() as session:
+            return await session.run_sync(fn, *args, **kwargs)
+
+    @property
+    def rows_per_insert(self) -> int:
+        """The rows SQLAlchemy sends in one INSERT ... VALUES statement; more go in several."""
+        return int(self.engine.dialect.insertmanyvalues_page_size)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -7,17 +7,19 @@ row, which once let a batch top-up for 11 jobs claim all 483 queued ones.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import Engine, event, func, select
 
+from api.submitting import insert_committed
 from db.batching import BatchKey
-from db.jobs import Claimant, Fill, Outcome, claim_jobs, create_job, finish_jobs
-from db.models import Job, JobStatus
-from db.session import get_engine, session_scope
+from db.jobs import Claimant, Fill, Outcome, claim_jobs, create_job, finish_jobs, new_job
+from db.models import Job, JobStatus, TenantKey
+from db.session import AsyncSessions, get_engine, session_scope
 from db.webhooks import claim_due_webhooks
 from tasks.registry import get_kind
 from tensorq.core.artifacts import ArtifactStore
@@ -135,6 +137,38 @@ def test_a_result_with_nan_and_integer_keys_is_stored_as_valid_json(fresh_url: s
         assert stored.result == {"loss": None, "labels": {"0": "neg", "1": "pos"}}
 
 
+class RoundTrips:
+    """What psycopg sends on the connections an engine checks out (libpq's protocol trace): each
+    simple Query by its text, and each Sync that ends a statement's extended-protocol messages,
+    i.e. one entry per round trip."""
+
+    def __init__(self, engine: Engine, path: Path) -> None:
+        self.engine = engine
+        self.trace = path.open("w+")
+        self.traced: list[Any] = []
+        event.listen(engine, "checkout", self._start)
+
+    def _start(self, dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        pgconn = getattr(dbapi_conn, "driver_connection", dbapi_conn).pgconn  # async: an adapter
+        pgconn.trace(self.trace.fileno())
+        self.traced.append(pgconn)
+
+    def sent(self) -> list[str]:
+        """Since the last call."""
+        while self.traced:
+            self.traced.pop().untrace()  # libpq's trace is buffered until then
+        self.trace.seek(0)
+        lines = [line.split("\t") for line in self.trace.read().splitlines()]
+        self.trace.seek(0)
+        self.trace.truncate()
+        return [f[3] + (" " + f[4].strip() if f[3] == "Query" else "")
+                for f in lines if len(f) > 3 and f[1] == "F" and f[3] in ("Query", "Sync")]  # fmt: skip
+
+    def close(self) -> None:
+        event.remove(self.engine, "checkout", self._start)
+        self.trace.close()
+
+
 def test_a_claim_and_a_finish_each_reach_postgresql_as_one_round_trip(fresh_url: str, tmp_path: Path) -> None:
     """The worker's claim and an inference job's finish are one statement each, sent in
     autocommit: one round trip apiece (a transaction around them added BEGIN and COMMIT, two more)."""
@@ -142,43 +176,61 @@ def test_a_claim_and_a_finish_each_reach_postgresql_as_one_round_trip(fresh_url:
     settings = Settings(database_url=fresh_url)
     kind = get_kind("embed")
     committer = Committer(fresh_url, ArtifactStore(tmp_path / "artifacts"), None)
-
-    trace = (tmp_path / "trace").open("w+")
-    traced: list[Any] = []
-
-    def start_trace(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
-        dbapi_conn.pgconn.trace(trace.fileno())
-        traced.append(dbapi_conn.pgconn)
-
-    def round_trips() -> list[str]:
-        """What the client sent since the last call: each simple Query (by its text), and each
-        Sync that ends a statement's extended-protocol messages."""
-        while traced:
-            traced.pop().untrace()  # libpq's trace is buffered until then
-        trace.seek(0)
-        sent = [line.split("\t") for line in trace.read().splitlines()]
-        trace.seek(0)
-        trace.truncate()
-        return [f[3] + (" " + f[4].strip() if f[3] == "Query" else "")
-                for f in sent if len(f) > 3 and f[1] == "F" and f[3] in ("Query", "Sync")]  # fmt: skip
+    trips = RoundTrips(get_engine(fresh_url), tmp_path / "trace")
 
     def claim_and_finish(job_id: Any) -> tuple[list[str], list[str]]:
         (job,) = Claimer(settings).claim(kind, [job_id], "w", batches=False)
         assert job.status == JobStatus.RUNNING and job.params["texts"]
-        claimed = round_trips()
+        claimed = trips.sent()
         outcome = Outcome(job.id, job.claim_token, JobStatus.SUCCEEDED, result={"ok": 1}, tenant="t")
         _, written, rows = committer.commit(kind, [outcome], {job.id: "t"})
         assert written == {job.id} and rows[0]["status"] == "succeeded"
-        return claimed, round_trips()
+        return claimed, trips.sent()
 
-    engine = get_engine(fresh_url)
-    event.listen(engine, "checkout", start_trace)
     try:
         claim_and_finish(warm_id)  # the tenant's data key is read, and cached, on the way
         assert claim_and_finish(job_id) == (["Sync"], ["Sync"])
     finally:
-        event.remove(engine, "checkout", start_trace)
-        trace.close()
+        trips.close()
     with session_scope(fresh_url) as session:
         stored = session.get(Job, job_id)
         assert stored is not None and stored.status == JobStatus.SUCCEEDED and stored.result == {"ok": 1}
+
+
+def test_the_group_commit_insert_is_one_round_trip_and_creates_a_new_tenants_key(
+    fresh_url: str, tmp_path: Path
+) -> None:
+    """The API's group commit stores its rows with one INSERT in autocommit. A tenant's first
+    jobs need its data key, which is created (committed) apart from them by the keyring: autocommit
+    leaves no transaction, nor a savepoint, to create it in (PostgreSQL refused the SAVEPOINT)."""
+
+    def rows(n: int) -> list[Job]:
+        return [
+            new_job(tenant="newcomer", kind="embed", params={"texts": [f"first {i}"]}, queue="inference", max_attempts=3)
+            for i in range(n)
+        ]  # fmt: skip
+
+    async def store() -> tuple[list[str], list[str]]:
+        db = AsyncSessions(fresh_url)
+        trips = RoundTrips(db.engine.sync_engine, tmp_path / "trace")
+        try:
+            await db.run_one_statement(insert_committed, rows(3))  # the tenant's first: its key too
+            first = trips.sent()
+            await db.run_one_statement(insert_committed, rows(5))
+            return first, trips.sent()
+        finally:
+            trips.close()
+            await db.close()
+
+    first, second = asyncio.run(store())
+    # The key was made by the keyring's own connection (not this engine's): the INSERT alone, each time.
+    assert first == second == ["Sync"]
+    with session_scope(fresh_url) as session:
+        stored = session.scalars(select(Job).where(Job.tenant == "newcomer")).all()
+        assert sorted(t for job in stored for t in job.params["texts"]) == sorted(
+            [f"first {i}" for i in range(3)] + [f"first {i}" for i in range(5)]
+        )
+        assert (
+            session.scalar(select(func.count()).select_from(TenantKey).where(TenantKey.tenant == "newcomer"))
+            == 1
+        )
