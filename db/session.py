@@ -101,11 +101,19 @@ def get_sessionmaker(url: str) -> sessionmaker[Session]:
 
 @lru_cache(maxsize=4)
 def get_one_statement_sessionmaker(url: str) -> sessionmaker[Session]:
-    engine = get_engine(url)
+    return sessionmaker(bind=one_statement_engine(get_engine(url)), expire_on_commit=False)
+
+
+AnyEngine = TypeVar("AnyEngine", Engine, AsyncEngine)
+
+
+def one_statement_engine(engine: AnyEngine) -> AnyEngine:
+    """`engine` for transactions of one statement (see `one_statement`): autocommit on
+    PostgreSQL, on the same pool (psycopg switches autocommit on a checked-out connection
+    without I/O); as it is elsewhere."""
     if engine.dialect.name == "postgresql":
-        # The same pool; psycopg switches autocommit on a checked-out connection without I/O.
-        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-    return sessionmaker(bind=engine, expire_on_commit=False)
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine
 
 
 @contextmanager
@@ -130,11 +138,9 @@ class AsyncSessions:
     def __init__(self, url: str) -> None:
         self.engine = make_async_engine(url)
         self._sessions = async_sessionmaker(self.engine, class_=AsyncSession, expire_on_commit=False)
-        # As `one_statement`: autocommit on PostgreSQL, the same pool.
-        single = self.engine
-        if self.engine.dialect.name == "postgresql":
-            single = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._one_statement = async_sessionmaker(single, class_=AsyncSession, expire_on_commit=False)
+        self._one_statement = async_sessionmaker(
+            one_statement_engine(self.engine), class_=AsyncSession, expire_on_commit=False
+        )
 
     async def run(self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         async with self._sessions() as session:
